@@ -1,0 +1,1 @@
+"""Cluster: connect to Ray, submit stages as Ray jobs, start local clusters."""

@@ -1,0 +1,1 @@
+"""Compress: knowledge distillation into smaller students and int8 quantization."""

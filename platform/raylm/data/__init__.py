@@ -1,0 +1,1 @@
+"""Prepare: read sharded raw text, clean, filter, deduplicate and split it (Ray Data)."""

@@ -1,0 +1,1 @@
+"""Evaluate: perplexity, size and speed of exported models."""

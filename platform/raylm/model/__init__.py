@@ -1,0 +1,1 @@
+"""The GPT model, single-device code, and its on-disk artifact format."""

@@ -1,0 +1,30 @@
+"""Connect the current process to Ray: a given cluster, RAY_ADDRESS, or a local Ray started on demand."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from raylm.errors import RaylmError
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at `address` (or RAY_ADDRESS); without either, start a local Ray in this process.
+
+    A local Ray gets at least 4 logical CPUs so that Ray Data tasks can feed Ray Train workers
+    on a 2-core machine; the OS shares the real cores between them.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RaylmError(f"cannot connect to Ray cluster at {address}: {first}") from None
+        return
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, logging_level=logging.WARNING)

@@ -1,0 +1,1 @@
+"""Serve: an OpenAI-compatible Ray Serve application for exported models."""

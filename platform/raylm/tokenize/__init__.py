@@ -1,0 +1,1 @@
+"""Tokenize: train a byte-level BPE tokenizer, encode and pack fixed-length token sequences."""

@@ -1,0 +1,1 @@
+"""Train: Ray Train workers running DeepSpeed on the GPT model."""

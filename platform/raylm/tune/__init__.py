@@ -1,0 +1,1 @@
+"""Tune: Ray Tune sweeps, each trial a distributed training run."""
