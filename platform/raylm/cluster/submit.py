@@ -1,0 +1,97 @@
+"""Send a stage to a running Ray cluster as a Ray job, through the Ray Jobs API.
+
+The job runs `python jobs/<stage>.py --config <config> [overrides]` with this checkout as its
+working directory and the raylm package shipped as a `py_module`, so the cluster needs Ray,
+not raylm, installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from raylm.errors import ConfigError, RaylmError
+
+# Never upload these with the working directory: environments, outputs, caches.
+EXCLUDES = [".venv", "venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "*.tmp-*"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def project_root() -> Path:
+    """The checkout holding jobs/: the current directory if it has one, else the one raylm was installed from."""
+    cwd = Path.cwd()
+    if (cwd / "jobs").is_dir():
+        return cwd
+    source = Path(__file__).resolve().parents[3]  # platform/raylm/cluster/submit.py -> checkout
+    if (source / "jobs").is_dir():
+        return source
+    raise RaylmError("no jobs/ directory here or next to the installed raylm; run from a raylm checkout")
+
+
+def _job_overrides(config: str, overrides: list[str]) -> list[str]:
+    """Make run.workdir absolute so outputs land where the user expects, not in the job's temporary working dir."""
+    from raylm.config import load_config
+
+    workdir = load_config(config, overrides).run.workdir
+    if "://" in workdir or os.path.isabs(workdir):
+        return list(overrides)
+    return [*overrides, f"--run.workdir={os.path.abspath(workdir)}"]
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    try:
+        return JobSubmissionClient(address), address
+    except Exception as e:  # the SDK raises ConnectionError, RuntimeError or ValueError by cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RaylmError(f"cannot reach the Ray Jobs API at {address}: {first}") from None
+
+
+def submit_stage(stage: str, config: str, overrides: list[str], address: str | None = None, wait: bool = True) -> int:
+    """Submit one stage as a Ray job; print its id; follow its logs until it ends. Returns the exit code."""
+    import raylm
+
+    root = project_root()
+    config_path = Path(config).resolve()
+    try:
+        config_rel = config_path.relative_to(root)
+    except ValueError:
+        raise ConfigError(f"{config}: the config must live inside the submitted directory {root}") from None
+    client, address = _client(address)
+    args = " ".join(shlex.quote(a) for a in [f"jobs/{stage}.py", "--config", str(config_rel), *_job_overrides(config, overrides)])
+    runtime_env = {
+        "working_dir": str(root),
+        "py_modules": [str(Path(raylm.__file__).parent)],
+        "excludes": EXCLUDES,
+    }
+    job_id = client.submit_job(entrypoint=f"python {args}", runtime_env=runtime_env)
+    print(f"submitted raylm {stage} as Ray job {job_id} to {address}", flush=True)
+    if not wait:
+        return 0
+    asyncio.run(_follow(client, job_id))
+    status = _final_status(client, job_id)
+    print(f"Ray job {job_id}: {status}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+async def _follow(client, job_id: str) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        sys.stdout.write(lines)
+        sys.stdout.flush()
+
+
+def _final_status(client, job_id: str, timeout_s: float = 30.0) -> str:
+    deadline = time.time() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.time() > deadline:
+            return status
+        time.sleep(0.5)

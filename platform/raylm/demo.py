@@ -1,0 +1,69 @@
+"""`raylm demo`: every stage in order on one local Ray, then a completion fetched over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+from rich.console import Console
+
+from raylm.config import RaylmConfig
+from raylm.runtime import init_ray
+
+PIPELINE = ("prepare", "tokenize", "train", "tune", "distill", "quantize", "evaluate")
+DEMO_PROMPT = "ROMEO. "
+
+
+def fetch_completion(base_url: str, model: str, prompt: str, max_tokens: int = 32, api_key: str | None = None) -> dict:
+    """POST /v1/completions and return the parsed JSON response."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.8, "seed": 0})
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(f"{base_url}/v1/completions", data=body.encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def run_demo(cfg: RaylmConfig, address: str | None = None, keep_serving: bool = False) -> int:
+    """Run prepare → tokenize → train → tune → distill → quantize → evaluate → serve, print the results."""
+    from raylm.cli import stage_function
+    from raylm.serve.app import start_serve, stop_serve
+
+    console = Console()
+    started = time.time()
+    init_ray(address or cfg.ray.address, cfg.ray.num_cpus)
+    outputs: dict[str, str] = {}
+    for stage in PIPELINE:
+        console.rule(f"[bold]raylm {stage}")
+        t0 = time.time()
+        summary = stage_function(stage)(cfg)
+        outputs[stage] = str(summary.get("output", ""))
+        console.print(f"[green]{stage}[/] done in {time.time() - t0:.1f}s -> {outputs[stage]}")
+
+    console.rule("[bold]raylm serve")
+    base_url = start_serve(cfg)
+    model = cfg.run.name
+    completion = fetch_completion(base_url, model, DEMO_PROMPT, api_key=cfg.serve.api_key)
+
+    console.rule("[bold]raylm demo: results")
+    for stage, out in outputs.items():
+        console.print(f"  {stage:<9} {out}")
+    table = Path(outputs["evaluate"]) / "table.txt"
+    if table.exists():
+        console.print(table.read_text().rstrip(), markup=False, highlight=False)
+    text = completion["choices"][0]["text"]
+    console.print(f"POST {base_url}/v1/completions model={model} prompt={DEMO_PROMPT!r}", markup=False)
+    console.print(f"completion: {DEMO_PROMPT + text!r}", markup=False, highlight=False)
+    console.print(f"demo finished in {time.time() - started:.0f}s", highlight=False)
+    if keep_serving:
+        console.print(f"serving {sorted(cfg.serve.models)} at {base_url}/v1 (Ctrl-C to stop)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    stop_serve()
+    return 0
