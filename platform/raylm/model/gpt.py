@@ -62,13 +62,29 @@ PRESETS: dict[str, dict] = {
 class KVCache:
     """Keys and values of the tokens seen so far, one (k, v) pair per layer, for incremental decoding."""
 
-    def __init__(self, n_layer: int):
+    def __init__(self, n_layer: int, left_pad: torch.Tensor | None = None):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        # (B,) count of padding tokens at the start of each row, for batches of prompts of
+        # different lengths: those rows' positions start after their padding, which no token attends to.
+        self.left_pad = left_pad
 
     @property
     def length(self) -> int:
         first = self.layers[0]
         return 0 if first is None else first[0].size(2)
+
+    def padded_causal_mask(self, T: int, S: int) -> torch.Tensor:
+        """(B, 1, T, S) bool mask for T new queries over S keys: causal, padding keys hidden.
+
+        A padding query still sees itself, so its row is never empty (an empty row gives NaN,
+        and a NaN value times a zero weight is still NaN in the next layer).
+        """
+        keys = torch.arange(S, device=self.left_pad.device)
+        queries = torch.arange(S - T, S, device=self.left_pad.device)
+        causal = keys[None, :] <= queries[:, None]  # (T, S)
+        real = keys[None, :] >= self.left_pad[:, None]  # (B, S)
+        mask = (causal[None] & real[:, None]) | (keys[None, :] == queries[:, None])[None]
+        return mask[:, None]  # (B, 1, T, S)
 
 
 class CausalSelfAttention(nn.Module):
@@ -92,7 +108,9 @@ class CausalSelfAttention(nn.Module):
             cache.layers[layer] = (k, v)
         # With a cache the T new queries sit at the end of the key sequence: a causal mask
         # aligned to the bottom right. is_causal aligns top-left, so it is only right for T == len(k).
-        if k.size(2) == T:
+        if cache is not None and cache.left_pad is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.padded_causal_mask(T, k.size(2)))
+        elif k.size(2) == T:
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
             )
@@ -171,6 +189,8 @@ class GPT(nn.Module):
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
+        if cache is not None and cache.left_pad is not None:
+            pos = (pos - cache.left_pad[:, None]).clamp(min=0)  # (B, T): each row counts from its first real token
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
