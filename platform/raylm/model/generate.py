@@ -28,6 +28,9 @@ __all__ = [
     "ContextLengthError",
     "GenerationResult",
     "SamplingParams",
+    "Step",
+    "decode_steps",
+    "fit_prompt",
     "generate",
     "generate_batch",
     "stream_generate",
@@ -168,26 +171,38 @@ def _select_rows(cache: KVCache, keep: torch.Tensor) -> None:
         cache.left_pad = cache.left_pad[keep]
 
 
-@torch.inference_mode()
-def _decode(model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[tuple[int, int]]]:
-    """Decode a batch of fitted prompts; after each step yield [(row, new token)] for rows still producing.
+@dataclass(frozen=True)
+class Step:
+    """What one decoding step did to one row of the batch."""
 
-    The rows' `_Row` state (tokens, finish_reason) is returned through the generator's value.
+    row: int
+    token: int | None
+    """The new token; None when the row ended on a stop token (or had nothing to generate)."""
+    finish_reason: str | None
+    """"stop" or "length" on the row's last step, else None."""
+
+
+@torch.inference_mode()
+def decode_steps(model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[Step]]:
+    """Decode a batch of prompts that fit the context (see `fit_prompt`); after each step, yield one
+    Step per row still running. A finished row appears once more, with its finish_reason, then no more.
+
+    This is the primitive under `generate_batch` and `stream_generate`, and what a server
+    drives to stream a whole batch at once.
     """
     device = _device(model)
     rows = [_Row(p, device) for p in params]
     active = [i for i, p in enumerate(params) if p.max_new_tokens > 0]
-    for i, p in enumerate(params):
-        if p.max_new_tokens == 0:
-            rows[i].finish_reason = "length"
+    empty = [Step(i, None, "length") for i, p in enumerate(params) if p.max_new_tokens == 0]
+    if empty:
+        yield empty
     if not active:
-        return rows
+        return
     longest = max(len(prompts[i]) for i in active)
     pad = [longest - len(prompts[i]) for i in active]
     # Left-pad with token 0: padding is masked out and never read, any id does.
     idx = torch.tensor([[0] * n + prompts[i] for n, i in zip(pad, active)], dtype=torch.long, device=device)
-    n_layer = len(model.blocks)
-    cache = KVCache(n_layer, torch.tensor(pad, device=device) if any(pad) else None)
+    cache = KVCache(len(model.blocks), torch.tensor(pad, device=device) if any(pad) else None)
     logits, _ = model(idx, cache=cache)  # prefill: (B, T, V)
     last = logits[:, -1, :]
     while active:
@@ -195,8 +210,7 @@ def _decode(model: torch.nn.Module, prompts: list[list[int]], params: list[Sampl
         for b, i in enumerate(active):
             token = sample_next(last[b], rows[i].params, rows[i].generator)
             done = rows[i].push(token)
-            if token not in rows[i].stops:
-                step.append((i, token))
+            step.append(Step(i, None if token in rows[i].stops else token, rows[i].finish_reason))
             if not done:
                 keep.append(b)
                 next_ids.append(token)
@@ -208,7 +222,6 @@ def _decode(model: torch.nn.Module, prompts: list[list[int]], params: list[Sampl
             _select_rows(cache, torch.tensor(keep, device=device))
         logits, _ = model(torch.tensor(next_ids, device=device)[:, None], cache=cache)  # (B, 1, V)
         last = logits[:, -1, :]
-    return rows
 
 
 def _max_new_tokens_fit(prompts: list[list[int]], params: list[SamplingParams], block_size: int) -> bool:
@@ -253,14 +266,14 @@ def _run_fitting(model, prompts: list[list[int]], params: list[SamplingParams], 
             for i, r in zip(part, _run_fitting(model, [prompts[i] for i in part], [params[i] for i in part], block_size)):
                 results[i] = r
         return results
-    decoder = _decode(model, prompts, params)
-    while True:
-        try:
-            next(decoder)
-        except StopIteration as stop:
-            rows = stop.value
-            break
-    return [GenerationResult(r.tokens, r.finish_reason, len(p)) for r, p in zip(rows, prompts)]
+    results = [GenerationResult([], "length", len(p)) for p in prompts]
+    for step in decode_steps(model, prompts, params):
+        for s in step:
+            if s.token is not None:
+                results[s.row].token_ids.append(s.token)
+            if s.finish_reason is not None:
+                results[s.row].finish_reason = s.finish_reason
+    return results
 
 
 def generate(
@@ -302,11 +315,9 @@ def stream_generate(
         kwargs["stop_token_ids"] = tuple(kwargs.get("stop_token_ids", ()))
         params = SamplingParams(**kwargs)
     prompt = fit_prompt(prompt_ids, params, model.config.block_size)
-    decoder = _decode(model, [prompt], [params])
-    while True:
-        try:
-            step = next(decoder)
-        except StopIteration as stop:
-            return stop.value[0].finish_reason
-        for _, token in step:
-            yield token
+    finish_reason = "length"
+    for (s,) in decode_steps(model, [prompt], [params]):
+        if s.token is not None:
+            yield s.token
+        finish_reason = s.finish_reason or finish_reason
+    return finish_reason
