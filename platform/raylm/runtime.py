@@ -27,4 +27,5 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             raise RaylmError(f"cannot connect to Ray cluster at {address}: {first}") from None
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, logging_level=logging.WARNING)
+    # address="local": always a new local instance, never a stray `ray start` cluster found in /tmp/ray.
+    ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
