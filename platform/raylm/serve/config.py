@@ -1,4 +1,4 @@
-"""Config of the serve stage: the models, the HTTP endpoint and autoscaling."""
+"""Config of the serve stage: the models, the HTTP endpoint, batching and autoscaling."""
 
 from pydantic import Field, model_validator
 
@@ -6,11 +6,17 @@ from raylm.configbase import ConfigSection
 
 
 class AutoscalingConfig(ConfigSection):
+    """Ray Serve autoscaling of each model's replicas (the `autoscaling_config` of its deployment)."""
+
     min_replicas: int = Field(1, ge=0)
+    """Replicas kept when idle; 0 scales to zero (the first request then waits for a model to load)."""
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0.0)
+    """Requests in flight per replica that the autoscaler aims for."""
     upscale_delay_s: float = Field(5.0, ge=0.0)
+    """How long the load must stay above target before replicas are added."""
     downscale_delay_s: float = Field(30.0, ge=0.0)
+    """How long the load must stay below target before replicas are removed."""
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -23,12 +29,20 @@ class ServeConfig(ConfigSection):
     models: dict[str, str]
     """Model name (the OpenAI `model` field) -> exported model directory."""
     host: str = "127.0.0.1"
+    """Address the HTTP proxy binds; 0.0.0.0 exposes the API beyond this machine."""
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = None
     """When set, requests need `Authorization: Bearer <api_key>`."""
     max_tokens_limit: int = Field(256, ge=1)
     """Largest max_tokens a request may ask for."""
     max_batch_size: int = Field(8, ge=1)
+    """Concurrent requests one model replica decodes together (`@serve.batch`)."""
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    """How long a replica waits for more requests before it starts a batch that is not full."""
     num_cpus_per_replica: float = Field(1.0, gt=0.0)
+    """Ray CPUs reserved by each model replica (also its torch thread count, at least 1)."""
+    num_gpus_per_replica: float = Field(0.0, ge=0.0)
+    """Ray GPUs per model replica; above 0 the model runs on CUDA."""
+    ingress_replicas: int = Field(1, ge=1)
+    """Replicas of the HTTP ingress (parsing and routing only; the models scale on their own)."""
     autoscaling: AutoscalingConfig = AutoscalingConfig()

@@ -1,0 +1,184 @@
+"""One model's generation engine: an exported model, its tokenizer and batched, streamed decoding.
+
+No Ray here: a Serve replica holds one Engine and feeds it batches; tests and scripts can
+use it directly:
+
+    engine = Engine("runs/demo/train/model", max_tokens_limit=256)
+    engine.complete(CompletionJob(prompt="ROMEO. ", max_tokens=32, temperature=0))
+    -> {"text": ..., "finish_reason": "length", "prompt_tokens": 3, "completion_tokens": 32}
+
+A batch streams as a list per decoding step with one entry per job: a delta
+{"text", "finish_reason", "prompt_tokens", "completion_tokens"} while the job runs (its
+last one carries the finish_reason), then None once it has finished.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from raylm.model.artifact import load_model
+from raylm.model.generate import SamplingParams, decode_steps
+from raylm.serve.openai_api import APIError
+
+
+@dataclass(frozen=True)
+class CompletionJob:
+    """One choice to generate, as the ingress sends it to a model replica (picklable)."""
+
+    prompt: str | list[int]
+    """Text, or token ids."""
+    max_tokens: int | None = 16
+    """None: as many as the context leaves room for, up to the engine's max_tokens_limit."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends where one appears, and the text excludes it."""
+    echo: bool = False
+    """Put the prompt's text before the completion."""
+    param: str = "prompt"
+    """The request field the prompt came from, named in errors ("messages" for chat)."""
+
+
+class _TextStream:
+    """The completion's text as tokens arrive: finds stop strings, emits only text that is final.
+
+    Called after every new token (it is the SamplingParams.stop_check); `take` returns the text
+    not yet sent, holding back an incomplete UTF-8 character and a tail that may begin a stop string.
+    """
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.text = ""
+        self.sent = 0
+
+    def __call__(self, token_ids: list[int]) -> bool:
+        text = self.tokenizer.decode(token_ids)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        self.text = text[: min(hits)] if hits else text
+        return bool(hits)
+
+    def take(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            end = len(self.text.rstrip("\ufffd"))  # a multi-byte character still arriving
+            end -= max((k for s in self.stops for k in range(1, len(s)) if self.text[:end].endswith(s[:k])), default=0)
+        end = max(end, self.sent)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+
+@dataclass
+class PreparedJob:
+    """A job checked against the model: token ids, sampling parameters and its text stream."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    text: _TextStream
+    prefix: str = ""
+    """Text sent before the completion (the prompt, with echo)."""
+    completion_tokens: int = field(default=0)
+
+
+class Engine:
+    """An exported model ready to complete prompts, alone or in batches."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, max_tokens_limit: int = 256, device: str = "cpu"):
+        self.loaded = load_model(model_dir, device=device)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.context_length = self.loaded.config.block_size
+        self.max_tokens_limit = max_tokens_limit
+        self.eos_token_id = self.loaded.eos_token_id
+
+    def prepare(self, job: CompletionJob) -> PreparedJob:
+        """Tokenize and check a job; APIError(400) when it cannot run (empty, too long, bad ids)."""
+        if isinstance(job.prompt, str):
+            prompt_ids = self.tokenizer.encode(job.prompt).ids
+        else:
+            prompt_ids = list(job.prompt)
+            vocab = self.loaded.config.vocab_size
+            if any(not 0 <= t < vocab for t in prompt_ids):
+                raise APIError(f"Token ids in the prompt must lie in [0, {vocab})", param=job.param, code="invalid_value")
+        if not prompt_ids:
+            raise APIError("The prompt is empty after tokenization", param=job.param, code="invalid_value")
+        room = self.context_length - len(prompt_ids)
+        max_tokens = min(self.max_tokens_limit, room) if job.max_tokens is None else job.max_tokens
+        if max_tokens > self.max_tokens_limit:
+            raise APIError(
+                f"max_tokens is {max_tokens}; this server allows at most {self.max_tokens_limit}",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        if room <= 0 or max_tokens > room:
+            raise APIError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{len(prompt_ids) + max(max_tokens, 1)} tokens ({len(prompt_ids)} in the {job.param}, "
+                f"{max_tokens} for the completion). Please reduce the length of the {job.param} or the completion.",
+                param=job.param,
+                code="context_length_exceeded",
+            )
+        text = _TextStream(self.tokenizer, tuple(job.stop))
+        params = SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=job.temperature,
+            top_p=job.top_p,
+            seed=job.seed,
+            eos_token_id=self.eos_token_id,
+            stop_check=text,
+        )
+        prefix = ""
+        if job.echo:
+            prefix = job.prompt if isinstance(job.prompt, str) else self.tokenizer.decode(prompt_ids)
+        return PreparedJob(prompt_ids, params, text, prefix)
+
+    def stream_batch(self, jobs: list[PreparedJob]) -> Iterator[list[dict | None]]:
+        """Decode the jobs together; after each step yield one entry per job (see the module docstring)."""
+        done = [False] * len(jobs)
+        for step in decode_steps(self.model, [j.prompt_ids for j in jobs], [j.params for j in jobs]):
+            out: list[dict | None] = [None] * len(jobs)
+            for s in step:
+                job = jobs[s.row]
+                if s.token is not None:
+                    job.completion_tokens += 1
+                final = s.finish_reason is not None
+                text = job.prefix + job.text.take(final)
+                job.prefix = ""
+                out[s.row] = {
+                    "text": text,
+                    "finish_reason": s.finish_reason,
+                    "prompt_tokens": len(job.prompt_ids),
+                    "completion_tokens": job.completion_tokens,
+                }
+            for i, entry in enumerate(out):
+                if entry is None and not done[i]:
+                    # Running, but not in this step: jobs with max_tokens 0 finish in a step of their own.
+                    out[i] = {"text": "", "finish_reason": None, "prompt_tokens": len(jobs[i].prompt_ids),
+                              "completion_tokens": jobs[i].completion_tokens}
+                elif entry is not None and entry["finish_reason"] is not None:
+                    done[i] = True
+            yield out
+            if all(done):
+                return
+
+    def complete(self, job: CompletionJob) -> dict:
+        """Run one job to the end: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
+        prepared = self.prepare(job)
+        text, last = [], None
+        for (delta,) in self.stream_batch([prepared]):
+            if delta is not None:
+                text.append(delta["text"])
+                last = delta
+        return {**last, "text": "".join(text)}
+
+    def info(self) -> dict:
+        return {
+            "context_length": self.context_length,
+            "quantization": self.loaded.meta.get("quantization"),
+            "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
+        }
