@@ -1,0 +1,118 @@
+"""The serve stage's generation engine on a tiny exported model (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raylm.model.artifact import save_model
+from raylm.model.gpt import GPT, build_config
+from raylm.serve.engine import CompletionJob, Engine, _TextStream
+from raylm.serve.openai_api import APIError
+
+TEXT = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs."] * 10
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(TEXT, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, tokenizer_file):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    torch.manual_seed(0)
+    model = GPT(build_config("debug", vocab_size=tok.get_vocab_size(), block_size=40))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+    d = save_model(tmp_path_factory.mktemp("model"), model, tokenizer_file, eos_token_id=tok.token_to_id("<|endoftext|>"))
+    return Engine(d, max_tokens_limit=24)
+
+
+def test_complete_counts_tokens_and_is_deterministic_when_greedy(engine):
+    job = CompletionJob(prompt="The quick", max_tokens=10, temperature=0)
+    a, b = engine.complete(job), engine.complete(job)
+    assert a == b
+    assert a["prompt_tokens"] == len(engine.tokenizer.encode("The quick").ids)
+    assert a["completion_tokens"] <= 10 and a["finish_reason"] in ("stop", "length")
+
+
+def test_batch_stream_joins_to_the_same_text_as_alone(engine):
+    jobs = [
+        CompletionJob(prompt="The quick", max_tokens=10, temperature=0),
+        CompletionJob(prompt="Pack my box with five", max_tokens=0, temperature=0),
+        CompletionJob(prompt="lazy", max_tokens=6, temperature=0.8, seed=1, echo=True),
+    ]
+    alone = [engine.complete(j) for j in jobs]
+    texts, finals = ["", "", ""], [None, None, None]
+    for step in engine.stream_batch([engine.prepare(j) for j in jobs]):
+        assert len(step) == 3
+        for i, delta in enumerate(step):
+            if delta is None:
+                assert finals[i] is not None  # None only after the job's final delta
+                continue
+            assert finals[i] is None
+            texts[i] += delta["text"]
+            finals[i] = delta["finish_reason"]
+    assert texts == [r["text"] for r in alone]
+    assert finals == [r["finish_reason"] for r in alone]
+    assert alone[1] == {**alone[1], "text": "", "finish_reason": "length", "completion_tokens": 0}
+    assert alone[2]["text"].startswith("lazy")
+
+
+def test_stop_string_ends_the_text_before_it(engine):
+    full = engine.complete(CompletionJob(prompt="over the", max_tokens=20, temperature=0))["text"]
+    stop = full[4:6]
+    cut = engine.complete(CompletionJob(prompt="over the", max_tokens=20, temperature=0, stop=(stop,)))
+    assert cut["text"] == full[: full.index(stop)] and cut["finish_reason"] == "stop"
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer_file):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    text = "jugs \u20ac\u00e9 fox END more"
+    ids = tok.encode(text).ids
+    stream = _TextStream(tok, ("END",))
+    pieces = []
+    for n in range(1, len(ids) + 1):
+        if stream(ids[:n]):
+            break
+        piece = stream.take(final=False)
+        assert "\ufffd" not in piece and not piece.endswith("E") and not piece.endswith("EN")
+        pieces.append(piece)
+    pieces.append(stream.take(final=True))
+    assert "".join(pieces) == "jugs \u20ac\u00e9 fox "
+
+
+def test_max_tokens_none_fills_what_the_context_leaves(engine):
+    prompt = "The quick brown fox jumps over the lazy dog."
+    n_prompt = len(engine.tokenizer.encode(prompt).ids)
+    job = engine.prepare(CompletionJob(prompt=prompt, max_tokens=None))
+    assert job.params.max_new_tokens == min(24, 40 - n_prompt)
+
+
+@pytest.mark.parametrize(
+    "job, param, code",
+    [
+        (CompletionJob(prompt="fox " * 40, max_tokens=4), "prompt", "context_length_exceeded"),
+        (CompletionJob(prompt="fox " * 40, max_tokens=4, param="messages"), "messages", "context_length_exceeded"),
+        (CompletionJob(prompt="fox", max_tokens=25), "max_tokens", "invalid_value"),
+        (CompletionJob(prompt=[1, 99999], max_tokens=4), "prompt", "invalid_value"),
+        (CompletionJob(prompt=[], max_tokens=4), "prompt", "invalid_value"),
+    ],
+)
+def test_jobs_that_cannot_run_are_400s(engine, job, param, code):
+    with pytest.raises(APIError) as err:
+        engine.prepare(job)
+    assert err.value.status == 400 and (err.value.param, err.value.code) == (param, code)
