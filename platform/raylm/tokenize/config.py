@@ -4,27 +4,48 @@ from pydantic import Field, model_validator
 
 from raylm.configbase import ConfigSection
 
+BYTE_ALPHABET_SIZE = 256
+"""Byte-level BPE starts from one token per byte value."""
+
 
 class TokenizeConfig(ConfigSection):
     input: str
     """The prepare stage's output directory (train/ and validation/ Parquet shards)."""
     output: str
-    """Directory for tokenizer.json, the packed token shards (train/, validation/) and stats.json."""
+    """Directory for tokenizer.json, the packed token shards (train/, validation/) and manifest.json."""
     vocab_size: int = Field(4096, ge=260)
-    """Size of the byte-level BPE vocabulary, special tokens included."""
+    """Size of the byte-level BPE vocabulary, special tokens included (at least 256 bytes + the special tokens)."""
     min_frequency: int = Field(2, ge=1)
     """A pair must occur this often to be merged."""
     special_tokens: tuple[str, ...] = ("<|endoftext|>",)
-    """Special tokens; the first one separates documents in packed sequences."""
+    """Special tokens; the first one ends every document in packed sequences (its id is the eos_token_id)."""
     seq_len: int = Field(256, ge=8)
-    """Tokens per packed training sequence (the model's context)."""
+    """Tokens per packed training sequence (the model's context); rows hold seq_len + 1 ids."""
     tokenizer_sample_docs: int | None = Field(None, ge=1)
-    """Train the tokenizer on at most this many documents of the train split (all when unset)."""
-    batch_size: int = Field(256, ge=1)
-    """Documents per Ray Data batch when encoding."""
+    """Train the tokenizer on at most this many documents of the train split, the first in order (all when unset)."""
+    batch_size: int = Field(1024, ge=1)
+    """Documents per Ray Data batch when encoding: one `encode_batch` call in an encoding actor."""
+    encode_actors: int = Field(2, ge=1)
+    """Encoding actors (Ray Data actor pool size); each loads the tokenizer once."""
+    encode_cpus_per_actor: int = Field(1, ge=1)
+    """CPUs each encoding actor reserves; also its `tokenizers` thread count (RAYON_NUM_THREADS)."""
+    shard_rows: int = Field(8192, ge=1)
+    """Packed sequences per Parquet shard file."""
 
     @model_validator(mode="after")
     def _needs_separator(self):
         if not self.special_tokens:
             raise ValueError("special_tokens needs at least one token (the document separator)")
+        if any(not t for t in self.special_tokens) or len(set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError("special_tokens must be distinct, non-empty strings")
+        return self
+
+    @model_validator(mode="after")
+    def _vocab_holds_bytes_and_specials(self):
+        needed = BYTE_ALPHABET_SIZE + len(self.special_tokens)
+        if self.vocab_size < needed:
+            raise ValueError(
+                f"vocab_size {self.vocab_size} is too small: byte-level BPE needs {BYTE_ALPHABET_SIZE} byte tokens "
+                f"+ {len(self.special_tokens)} special tokens = {needed}"
+            )
         return self

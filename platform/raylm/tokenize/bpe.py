@@ -1,0 +1,93 @@
+"""Byte-level BPE: train a `tokenizers` tokenizer from batches of text, save it, load it.
+
+Byte-level means the pre-tokenizer maps every byte to one of 256 visible characters
+before merging, so any text encodes without unknown tokens and `decode(encode(x)) == x`.
+The special tokens get the first ids, in the configured order: the first one,
+the end-of-text separator, has id 0.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from raylm.errors import ConfigError, InputError
+from raylm.tokenize.config import BYTE_ALPHABET_SIZE
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def min_vocab_size(special_tokens: Iterable[str]) -> int:
+    """The smallest vocabulary a byte-level BPE with these special tokens can have."""
+    return BYTE_ALPHABET_SIZE + len(tuple(special_tokens))
+
+
+def check_vocab_size(vocab_size: int, special_tokens: Iterable[str]) -> None:
+    """ConfigError when the vocabulary cannot hold the 256 bytes plus the special tokens."""
+    specials = tuple(special_tokens)
+    needed = min_vocab_size(specials)
+    if vocab_size < needed:
+        raise ConfigError(
+            f"tokenize.vocab_size: {vocab_size} is too small; byte-level BPE needs {BYTE_ALPHABET_SIZE} byte "
+            f"tokens + {len(specials)} special tokens = {needed}"
+        )
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE tokenizer (no prefix space, so decoding returns the exact input)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(
+    text_batches: Iterable[list[str]],
+    *,
+    vocab_size: int,
+    min_frequency: int,
+    special_tokens: Iterable[str],
+    num_documents: int | None = None,
+    show_progress: bool = True,
+) -> Tokenizer:
+    """Train a byte-level BPE on batches of documents (streamed: only the pair counts stay in memory).
+
+    `num_documents`, when known, sizes the trainer's progress bar.
+    """
+    specials = list(special_tokens)
+    check_vocab_size(vocab_size, specials)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer = new_tokenizer()
+    tokenizer.train_from_iterator(text_batches, trainer=trainer, length=num_documents)
+    return tokenizer
+
+
+def eos_token_id(tokenizer: Tokenizer, special_tokens: Iterable[str]) -> int:
+    """Id of the first special token, the document separator."""
+    first = next(iter(special_tokens))
+    token_id = tokenizer.token_to_id(first)
+    if token_id is None:
+        raise InputError(f"tokenizer has no special token {first!r}")
+    return token_id
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A saved tokenizer: `path` is a tokenizer.json file or a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / TOKENIZER_FILE
+    if not p.is_file():
+        raise InputError(f"{p}: tokenizer file not found")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+        raise InputError(f"{p}: not a `tokenizers` tokenizer file ({str(e).splitlines()[0] if str(e) else e})") from None

@@ -1,0 +1,152 @@
+"""The tokenize stage end to end on a tiny synthetic prepare output, with a real local Ray."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raylm.artifacts import read_manifest, stage_output
+from raylm.config import load_config
+from raylm.errors import ConfigError, InputError
+from raylm.tokenize.bpe import load_tokenizer
+from raylm.tokenize.pipeline import run_tokenize
+from raylm.tokenize.shards import SPLITS, read_split_numpy, read_token_meta
+
+SEQ_LEN = 32
+SHARD_ROWS = 50
+WORDS = "the of and to a in that is was he for it with as his on be at by had not are but from or have an they which".split()
+WORDS += ["Ünïcödé", "naïve", "café", "🦊", "日本語", "x\ty", "<|endoftext|>"]  # the last one is literal text in a document
+
+
+def synthetic_docs(n: int, rng: random.Random) -> list[str]:
+    docs = []
+    for _ in range(n):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25))) for _ in range(rng.randint(1, 4))]
+        docs.append("\n".join(lines).capitalize() + ".")
+    return docs
+
+
+def write_prepared(root: Path, splits: dict[str, list[list[str]]]) -> Path:
+    """A finished prepare output: <root>/{train,validation}/part-N.parquet (id, text) and its manifest."""
+    with stage_output(root, "prepare", {"synthetic": True}) as out:
+        for split, files in splits.items():
+            (out.tmp / split).mkdir()
+            for i, docs in enumerate(files):
+                ids = [f"{split}-{i}-{j}" for j in range(len(docs))]
+                table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(docs, pa.string())})
+                pq.write_table(table, out.tmp / split / f"part-{i:05d}.parquet")
+        out.stats = {"documents": {s: sum(map(len, f)) for s, f in splits.items()}}
+    return root
+
+
+def make_config(workdir: Path, prepared: Path, output: Path, *overrides: str):
+    return load_config(None, [
+        f"run.workdir={workdir}", "prepare.input=unused",
+        f"tokenize.input={prepared}", f"tokenize.output={output}",
+        "tokenize.vocab_size=400", f"tokenize.seq_len={SEQ_LEN}", f"tokenize.shard_rows={SHARD_ROWS}",
+        "tokenize.batch_size=64", "tokenize.encode_actors=2", "tokenize.tokenizer_sample_docs=200",
+        *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("tokenize")
+    train = [synthetic_docs(120, rng), [], synthetic_docs(150, rng), synthetic_docs(30, rng)]  # one empty shard
+    validation = [synthetic_docs(40, rng)]
+    prepared = write_prepared(root / "prepared", {"train": train, "validation": validation})
+    docs = {"train": [d for f in train for d in f], "validation": validation[0]}
+    return {"root": root, "prepared": prepared, "docs": docs}
+
+
+@pytest.fixture(scope="module")
+def tokenized(ray_local, corpus) -> dict:
+    cfg = make_config(corpus["root"], corpus["prepared"], corpus["root"] / "tokens")
+    summary = run_tokenize(cfg)
+    return {"cfg": cfg, "summary": summary, "path": Path(summary["output"])}
+
+
+def test_tokenizer_file_loads_and_round_trips_the_documents(tokenized, corpus):
+    tokenizer = load_tokenizer(tokenized["path"] / "tokenizer.json")
+    meta = read_token_meta(tokenized["path"])
+    assert tokenizer.get_vocab_size() == meta.vocab_size <= 400
+    assert tokenizer.token_to_id("<|endoftext|>") == meta.eos_token_id == 0
+    docs = corpus["docs"]["validation"] + ["unseen: Ωμέγα ∑ 中文 \x00 trailing  "]
+    for doc in docs:
+        if "<|endoftext|>" not in doc:
+            assert tokenizer.decode(tokenizer.encode(doc).ids) == doc
+    tokenizer.encode_special_tokens = True  # as the stage encodes documents: special-token text is just text
+    for doc in docs:
+        assert tokenizer.decode(tokenizer.encode(doc).ids) == doc
+
+
+def test_shards_hold_every_document_and_separator_in_order(tokenized, corpus):
+    meta = read_token_meta(tokenized["path"])
+    stats = read_manifest(tokenized["path"])["stats"]
+    tokenizer = load_tokenizer(tokenized["path"])
+    tokenizer.encode_special_tokens = True  # documents' literal "<|endoftext|>" is text, as the stage encodes it
+    assert meta.seq_len == SEQ_LEN and meta.dtype == "uint16" and meta.format_version == 1
+    for split in SPLITS:
+        docs = corpus["docs"][split]
+        expected = [i for d in docs for i in tokenizer.encode(d, add_special_tokens=False).ids + [meta.eos_token_id]]
+        n = meta.num_sequences[split]
+        assert stats["documents"][split] == len(docs)
+        assert stats["tokens"][split] == len(expected)
+        assert n == (len(expected) - 1) // SEQ_LEN > 0
+        assert stats["dropped_tokens"][split] == len(expected) - (n * SEQ_LEN + 1) < SEQ_LEN
+        rows = read_split_numpy(meta, split)
+        assert rows.shape == (n, SEQ_LEN + 1)
+        np.testing.assert_array_equal(rows[1:, 0], rows[:-1, -1])  # consecutive rows overlap by one token
+        stream = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])
+        assert stream.tolist() == expected[: len(stream)]
+        files = sorted(meta.split_dir(split).glob("*.parquet"))
+        assert len(files) == stats["shards"][split] == -(-n // SHARD_ROWS)
+        column = pq.read_table(files[0]).schema.field("tokens").type
+        assert column == pa.list_(pa.uint16(), SEQ_LEN + 1)
+    assert stats["tokenizer_documents"] == 200
+    assert stats["tokens_per_s"] > 0
+
+
+def test_rerun_with_the_same_config_is_a_noop(tokenized):
+    before = {f: f.stat().st_mtime_ns for f in tokenized["path"].rglob("*")}
+    again = run_tokenize(tokenized["cfg"])
+    assert again["reused"] is True and tokenized["summary"]["reused"] is False
+    assert again["num_sequences"] == tokenized["summary"]["num_sequences"]
+    assert {f: f.stat().st_mtime_ns for f in tokenized["path"].rglob("*")} == before
+
+
+def test_outputs_are_byte_identical_across_runs_and_actor_counts(tokenized, corpus):
+    other = corpus["root"] / "tokens-again"
+    cfg = make_config(corpus["root"], corpus["prepared"], other, "tokenize.encode_actors=1", "tokenize.batch_size=50")
+    run_tokenize(cfg)
+    first = {f.relative_to(tokenized["path"]): f.read_bytes() for f in tokenized["path"].rglob("*") if f.is_file()}
+    second = {f.relative_to(other): f.read_bytes() for f in other.rglob("*") if f.is_file()}
+    assert first.keys() == second.keys()
+    for name in first:
+        if name.name != "manifest.json":  # holds timings
+            assert first[name] == second[name], name
+    stats = [json.loads(first[Path("manifest.json")])["stats"], json.loads(second[Path("manifest.json")])["stats"]]
+    assert [s["num_sequences"] for s in stats][0] == [s["num_sequences"] for s in stats][1]
+
+
+def test_bad_inputs_and_configs_are_one_line_errors(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="tokenize.*vocab_size 260 is too small"):
+        make_config(tmp_path, corpus["prepared"], tmp_path / "t", "tokenize.vocab_size=260",
+                    "tokenize.special_tokens=[a, b, c, d, e]")
+    cfg = make_config(tmp_path, corpus["prepared"], tmp_path / "t")
+    small = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"vocab_size": 256})})
+    with pytest.raises(ConfigError, match="vocab_size: 256 is too small"):
+        run_tokenize(small)
+    with pytest.raises(InputError, match="not found"):
+        run_tokenize(make_config(tmp_path, tmp_path / "nothing", tmp_path / "t"))
+    empty = write_prepared(tmp_path / "empty", {"train": [[]], "validation": [["a document"]]})
+    with pytest.raises(InputError, match="train split has no documents"):
+        run_tokenize(make_config(tmp_path, empty, tmp_path / "t"))
+    assert not (tmp_path / "t").exists()
