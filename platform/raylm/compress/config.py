@@ -36,3 +36,7 @@ class QuantizeConfig(ConfigSection):
     """Directory for the quantized model (output/model)."""
     method: Literal["int8_dynamic"] = "int8_dynamic"
     """int8_dynamic: int8 weights of every Linear layer, activations quantized on the fly."""
+    lm_head: bool = False
+    """Quantize the output projection too. It shares its weight with the token embedding, which
+    stays float32, so this stores a second (int8) copy of that matrix: a bigger file and a higher
+    perplexity for a faster last layer."""
