@@ -209,7 +209,8 @@ def test_bad_completion_requests_get_400_bodies(served, body, param, code):
 def test_bad_chat_request_and_unknown_route(served):
     r = post(served[0], "/v1/chat/completions", {"model": "tiny", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = post(served[0], "/v1/chat/completions", {"model": "tiny-b", "messages": [{"role": "user", "content": "x" * 200}]})
+    too_long = {"model": "tiny-b", "messages": [{"role": "user", "content": "x" * 200}]}
+    r = post(served[0], "/v1/chat/completions", too_long)
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = post(served[0], "/v1/nothing", {})
     assert r.status_code == 404 and "error" in r.json()

@@ -105,7 +105,8 @@ def test_chat_request_and_transcript():
     )
     assert req.token_budget == 9
     assert chat_prompt(req.messages) == "System: Be brief.\nUser: Hi there\nAssistant:"
-    assert parse({"model": "m", "messages": [{"role": "user", "content": "x"}]}, ChatCompletionRequest).token_budget is None
+    plain = parse({"model": "m", "messages": [{"role": "user", "content": "x"}]}, ChatCompletionRequest)
+    assert plain.token_budget is None
 
 
 @pytest.mark.parametrize(

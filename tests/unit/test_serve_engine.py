@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -35,7 +37,8 @@ def engine(tmp_path_factory, tokenizer_file):
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.3)
-    d = save_model(tmp_path_factory.mktemp("model"), model, tokenizer_file, eos_token_id=tok.token_to_id("<|endoftext|>"))
+    eos = tok.token_to_id("<|endoftext|>")
+    d = save_model(tmp_path_factory.mktemp("model"), model, tokenizer_file, eos_token_id=eos)
     return Engine(d, max_tokens_limit=24)
 
 
@@ -116,3 +119,17 @@ def test_jobs_that_cannot_run_are_400s(engine, job, param, code):
     with pytest.raises(APIError) as err:
         engine.prepare(job)
     assert err.value.status == 400 and (err.value.param, err.value.code) == (param, code)
+
+
+def test_batch_mixing_a_long_prompt_and_a_long_completion(engine):
+    # Each fits the 40-token context alone; padded together they would not, so they run in two groups.
+    long_prompt = CompletionJob(prompt="The quick brown fox jumps over the lazy dog. Pack my", max_tokens=2)
+    long_completion = CompletionJob(prompt="fox", max_tokens=24)
+    assert len(engine.prepare(long_prompt).prompt_ids) + 24 > 40
+    long_prompt, long_completion = (replace(j, temperature=0) for j in (long_prompt, long_completion))
+    alone = [engine.complete(long_prompt), engine.complete(long_completion)]
+    texts = ["", ""]
+    for step in engine.stream_batch([engine.prepare(long_prompt), engine.prepare(long_completion)]):
+        for i, delta in enumerate(step):
+            texts[i] += delta["text"] if delta else ""
+    assert texts == [r["text"] for r in alone]

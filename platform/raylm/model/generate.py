@@ -102,7 +102,8 @@ def fit_prompt(prompt_ids: Sequence[int], params: SamplingParams, block_size: in
         raise ValueError("the prompt is empty: generation needs at least one token to condition on")
     if params.max_new_tokens >= block_size:
         raise ContextLengthError(
-            f"max_new_tokens {params.max_new_tokens} leaves no room for the prompt in the context of {block_size} tokens"
+            f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt "
+            f"in the model's context of {block_size} tokens"
         )
     room = block_size - params.max_new_tokens
     if len(prompt) > room:
@@ -182,24 +183,49 @@ class Step:
     """"stop" or "length" on the row's last step, else None."""
 
 
-@torch.inference_mode()
-def decode_steps(model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[Step]]:
-    """Decode a batch of prompts that fit the context (see `fit_prompt`); after each step, yield one
-    Step per row still running. A finished row appears once more, with its finish_reason, then no more.
+def decode_steps(
+    model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams]
+) -> Iterator[list[Step]]:
+    """Decode a batch of prompts that each fit the context (see `fit_prompt`).
 
-    This is the primitive under `generate_batch` and `stream_generate`, and what a server
-    drives to stream a whole batch at once.
+    After each step, yield one Step per row still running; a finished row appears once more,
+    with its finish_reason, then no more. This is the primitive under `generate_batch` and
+    `stream_generate`, and what a server drives to stream a whole batch at once.
+
+    Left padding makes every row as long as the longest prompt, so a batch runs in groups
+    whose longest prompt plus largest max_new_tokens fit block_size; usually that is one group.
     """
-    device = _device(model)
-    rows = [_Row(p, device) for p in params]
-    active = [i for i, p in enumerate(params) if p.max_new_tokens > 0]
     empty = [Step(i, None, "length") for i, p in enumerate(params) if p.max_new_tokens == 0]
     if empty:
         yield empty
-    if not active:
-        return
-    longest = max(len(prompts[i]) for i in active)
-    pad = [longest - len(prompts[i]) for i in active]
+    for group in _groups_that_fit(prompts, params, model.config.block_size):
+        yield from _decode_group(model, prompts, params, group)
+
+
+def _groups_that_fit(prompts: list[list[int]], params: list[SamplingParams], block_size: int) -> list[list[int]]:
+    """Row indices in groups whose padded length plus the most new tokens of any row fits the context."""
+    rows = sorted((i for i, p in enumerate(params) if p.max_new_tokens > 0), key=lambda i: len(prompts[i]))
+    groups: list[list[int]] = []
+    longest = most_new = 0
+    for i in rows:
+        new_longest, new_most = max(longest, len(prompts[i])), max(most_new, params[i].max_new_tokens)
+        if groups and new_longest + new_most <= block_size:
+            groups[-1].append(i)
+            longest, most_new = new_longest, new_most
+        else:
+            groups.append([i])
+            longest, most_new = len(prompts[i]), params[i].max_new_tokens
+    return [sorted(g) for g in groups]
+
+
+@torch.inference_mode()
+def _decode_group(
+    model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams], active: list[int]
+) -> Iterator[list[Step]]:
+    """Decode the rows `active` of the batch together: prefill once, then one token per step."""
+    device = _device(model)
+    rows = {i: _Row(params[i], device) for i in active}
+    pad = [max(len(prompts[i]) for i in active) - len(prompts[i]) for i in active]
     # Left-pad with token 0: padding is masked out and never read, any id does.
     idx = torch.tensor([[0] * n + prompts[i] for n, i in zip(pad, active)], dtype=torch.long, device=device)
     cache = KVCache(len(model.blocks), torch.tensor(pad, device=device) if any(pad) else None)
@@ -224,11 +250,6 @@ def decode_steps(model: torch.nn.Module, prompts: list[list[int]], params: list[
         last = logits[:, -1, :]
 
 
-def _max_new_tokens_fit(prompts: list[list[int]], params: list[SamplingParams], block_size: int) -> bool:
-    """Whether the padded batch fits the context: the longest prompt plus the most tokens any row may add."""
-    return max(len(p) for p in prompts) + max(p.max_new_tokens for p in params) <= block_size
-
-
 def generate_batch(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -244,30 +265,14 @@ def generate_batch(
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-    if not prompts:
-        return []
-    block_size = model.config.block_size
     fitted = []
     for n, (prompt, p) in enumerate(zip(prompts, params)):
         try:
-            fitted.append(fit_prompt(prompt, p, block_size))
+            fitted.append(fit_prompt(prompt, p, model.config.block_size))
         except ValueError as e:
-            raise type(e)(f"prompt {n}: {e}") if len(prompts) > 1 else e from None
-    return _run_fitting(model, fitted, list(params), block_size)
-
-
-def _run_fitting(model, prompts: list[list[int]], params: list[SamplingParams], block_size: int) -> list[GenerationResult]:
-    """Run the batch, split into halves by prompt length while the padded batch overflows the context."""
-    if len(prompts) > 1 and not _max_new_tokens_fit(prompts, params, block_size):
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        half = len(order) // 2
-        results: list[GenerationResult | None] = [None] * len(prompts)
-        for part in (order[:half], order[half:]):
-            for i, r in zip(part, _run_fitting(model, [prompts[i] for i in part], [params[i] for i in part], block_size)):
-                results[i] = r
-        return results
-    results = [GenerationResult([], "length", len(p)) for p in prompts]
-    for step in decode_steps(model, prompts, params):
+            raise (type(e)(f"prompt {n}: {e}") if len(prompts) > 1 else e) from None
+    results = [GenerationResult([], "length", len(p)) for p in fitted]
+    for step in decode_steps(model, fitted, list(params)):
         for s in step:
             if s.token is not None:
                 results[s.row].token_ids.append(s.token)

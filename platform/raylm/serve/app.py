@@ -1,7 +1,7 @@
 """The Ray Serve application: an OpenAI-compatible HTTP ingress in front of one deployment per model.
 
-    HTTP ──▶ OpenAIIngress (FastAPI: auth, validation, SSE) ──handle──▶ model-<name> (Engine, @serve.batch)
-                                                             ──handle──▶ model-<other> ...
+    HTTP ──▶ OpenAIIngress (FastAPI: auth, validation, SSE) ──handle──▶ model-<name>  (Engine, @serve.batch)
+                                                            ──handle──▶ model-<other> ...
 
 Each model deployment autoscales on its own (`serve.autoscaling`), reserves
 `num_cpus_per_replica` CPUs and decodes concurrent requests together: `@serve.batch` gathers

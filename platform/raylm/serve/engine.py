@@ -104,7 +104,8 @@ class Engine:
             prompt_ids = list(job.prompt)
             vocab = self.loaded.config.vocab_size
             if any(not 0 <= t < vocab for t in prompt_ids):
-                raise APIError(f"Token ids in the prompt must lie in [0, {vocab})", param=job.param, code="invalid_value")
+                message = f"Token ids in the prompt must lie in [0, {vocab})"
+                raise APIError(message, param=job.param, code="invalid_value")
         if not prompt_ids:
             raise APIError("The prompt is empty after tokenization", param=job.param, code="invalid_value")
         room = self.context_length - len(prompt_ids)
