@@ -22,3 +22,9 @@ class PrepareConfig(ConfigSection):
     """Share of documents routed to the validation split, by a hash of their text."""
     split_seed: int = 0
     """Salt of the split hash: change it for a different, still deterministic, split."""
+    read_batch_docs: int = Field(2048, ge=1)
+    """Documents per block that a reader task emits (bounds a task's memory on large shards)."""
+    dedup_partitions: int | None = Field(None, ge=1)
+    """Hash partitions of the global exact-dedup shuffle; unset: one per 128 MiB of input files, at most 256."""
+    docs_per_output_file: int = Field(50_000, ge=1)
+    """Documents per output Parquet file, at least (the last file of a split may have fewer)."""

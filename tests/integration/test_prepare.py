@@ -1,0 +1,224 @@
+"""The prepare stage on a local Ray: synthetic shards in three formats, the bundled demo corpus, bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raylm.artifacts import read_manifest
+from raylm.cli import main as cli_main
+from raylm.config import load_config
+from raylm.data.clean import clean_text
+from raylm.data.prepare import run_prepare
+from raylm.data.split import split_of
+from raylm.errors import InputError
+
+VALIDATION_FRACTION = 0.25
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
+
+
+def _doc(i: int) -> str:
+    words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(8 + i % 5)]
+    return f"Document {i}.\n\n" + " ".join(words) + f" number {i}."
+
+
+def _records() -> list[dict]:
+    """40 unique documents, 4 copies that cleaning and dedup must remove, 3 that the filters must drop."""
+    docs = [{"id": f"d{i:02d}", "text": _doc(i)} for i in range(40)]
+    cafe = "Un café pour la fiancée naïve, s'il vous plaît, merci beaucoup."
+    return docs + [
+        {"id": "z-copy-05", "text": _doc(5)},  # exact copy, larger id: d05 stays
+        {"id": "a-copy-07", "text": _doc(7)},  # exact copy, smaller id: it stays, d07 goes
+        {"id": "w-10", "text": "  " + _doc(10).replace(" ", " \t ").replace("\n", "\r\n") + "\r\n\r\n"},
+        {"id": "u-nfc", "text": unicodedata.normalize("NFC", cafe)},
+        {"id": "u-nfd", "text": unicodedata.normalize("NFD", cafe)},
+        {"id": "j-empty", "text": " \n\t "},
+        {"id": "j-short", "text": "Exeunt."},
+        {"id": "j-words", "text": "=" * 40},
+    ]
+
+
+EXPECTED_KEPT = {f"d{i:02d}" for i in range(40)} - {"d07"} | {"a-copy-07", "u-nfc"}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+
+
+def _write_shards(root: Path, rows: list[dict], names: list[str]) -> Path:
+    """Deal `rows` round-robin into shards named `names` (format by suffix)."""
+    root.mkdir(parents=True)
+    for s, name in enumerate(names):
+        part = rows[s :: len(names)]
+        if name.endswith(".parquet"):
+            pq.write_table(pa.Table.from_pylist(part), root / name)
+        else:
+            _write_jsonl(root / name, part)
+    return root
+
+
+def _cfg(input_path, workdir, *extra: str):
+    return load_config(
+        None,
+        [
+            f"prepare.input={input_path}",
+            f"run.workdir={workdir}",
+            "prepare.min_chars=20",
+            "prepare.min_words=4",
+            f"prepare.validation_fraction={VALIDATION_FRACTION}",
+            *extra,
+        ],
+    )
+
+
+def _output(path) -> dict[str, list[dict]]:
+    return {split: pq.read_table(Path(path) / split).to_pylist() for split in ("train", "validation")}
+
+
+@pytest.fixture(scope="module")
+def three_shards(ray_local, tmp_path_factory):
+    """One prepare run over the synthetic records in a JSONL, a JSONL.gz and a Parquet shard."""
+    tmp = tmp_path_factory.mktemp("three_shards")
+    rows = _records()
+    # Rotate so that every copy lands in a different shard than its original.
+    corpus = _write_shards(tmp / "raw", rows[1:] + rows[:1], ["s0.jsonl", "s1.jsonl.gz", "s2.parquet"])
+    cfg = _cfg(corpus, tmp / "run", "prepare.id_field=id")
+    return cfg, run_prepare(cfg)
+
+
+def test_prepare_filters_dedups_and_splits(three_shards):
+    cfg, result = three_shards
+    stats = result["stats"]
+    assert result["output"] == cfg.prepare.output and not result["reused"]
+    assert stats["input_files"] == 3
+    assert stats["read"]["documents"] == 48
+    assert {r: v["documents"] for r, v in stats["filter"]["removed"].items()} == {
+        "empty": 1,
+        "too_short": 1,
+        "too_few_words": 1,
+    }
+    assert stats["filter"]["documents"] == 45
+    assert stats["dedup_exact"]["removed"]["documents"] == 4
+    assert stats["dedup_exact"]["duplicate_groups"] == 4
+    assert stats["dedup_exact"]["documents"] == len(EXPECTED_KEPT) == 41
+
+    out = _output(cfg.prepare.output)
+    kept = {r["id"]: r["text"] for split in out.values() for r in split}
+    assert set(kept) == EXPECTED_KEPT
+    assert kept["d10"] == clean_text(_doc(10))
+    assert kept["u-nfc"] == unicodedata.normalize("NFC", kept["u-nfc"])
+    for split, rows in out.items():
+        assert all(split_of(r["text"], 0, VALIDATION_FRACTION) == split for r in rows)
+        assert stats["split"][split]["documents"] == len(rows)
+        assert stats["split"][split]["bytes"] == sum(len(r["text"].encode()) for r in rows)
+    assert len(out["validation"]) > 0
+    assert pq.read_schema(next((Path(cfg.prepare.output) / "train").glob("*.parquet"))).names == ["id", "text"]
+
+
+def test_manifest_and_stats_file(three_shards):
+    cfg, result = three_shards
+    manifest = read_manifest(cfg.prepare.output)
+    assert manifest["stage"] == "prepare"
+    assert manifest["config"]["input"] == cfg.prepare.input
+    assert manifest["stats"] == result["stats"]
+    assert json.loads((Path(cfg.prepare.output) / "stats.json").read_text()) == result["stats"]
+
+
+def test_rerun_is_a_no_op(three_shards):
+    cfg, result = three_shards
+    manifest = Path(cfg.prepare.output) / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    again = run_prepare(cfg)
+    assert again["reused"] is True
+    assert again["stats"] == result["stats"]
+    assert manifest.stat().st_mtime_ns == before
+
+
+def test_result_does_not_depend_on_sharding(three_shards, tmp_path):
+    cfg3, _ = three_shards
+    corpus = _write_shards(tmp_path / "raw", list(reversed(_records())), ["all.jsonl"])
+    cfg1 = _cfg(corpus, tmp_path / "run", "prepare.id_field=id")
+    one = run_prepare(cfg1)
+    assert one["stats"]["input_files"] == 1
+    out1, out3 = _output(cfg1.prepare.output), _output(cfg3.prepare.output)
+    # Same documents, same splits, same order (rows are ordered by text hash).
+    assert out1 == out3
+
+
+def test_default_ids_are_file_and_line(ray_local, tmp_path):
+    corpus = _write_shards(tmp_path / "raw", _records()[:6], ["a.jsonl", "b.parquet"])
+    cfg = _cfg(corpus, tmp_path / "run", "prepare.validation_fraction=0.5")
+    run_prepare(cfg)
+    ids = sorted(r["id"] for rows in _output(cfg.prepare.output).values() for r in rows)
+    assert ids == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "b.parquet:0", "b.parquet:1", "b.parquet:2"]
+
+
+def _assert_nothing_written(cfg) -> None:
+    out = Path(cfg.prepare.output)
+    assert not out.exists()
+    assert not list(out.parent.glob(f"{out.name}.tmp-*"))
+
+
+def test_malformed_json_line_names_file_and_line(ray_local, tmp_path):
+    corpus = _write_shards(tmp_path / "raw", _records()[:4], ["good.parquet"])
+    (corpus / "bad.jsonl").write_text('{"text": "fine, fine, fine, fine, fine"}\n{"text": "oops\n')
+    cfg = _cfg(corpus, tmp_path / "run")
+    with pytest.raises(InputError) as err:
+        run_prepare(cfg)
+    message = str(err.value)
+    assert re.fullmatch(r".*bad\.jsonl:2: malformed JSON \(.*\)", message), message
+    _assert_nothing_written(cfg)
+
+
+def test_missing_text_field_names_file_and_line(ray_local, tmp_path):
+    corpus = tmp_path / "raw"
+    corpus.mkdir()
+    _write_jsonl(corpus / "x.jsonl.gz", [{"text": "a b c d e f g h i j k"}, {"body": "no text here"}])
+    cfg = _cfg(corpus, tmp_path / "run")
+    with pytest.raises(InputError, match=r"x\.jsonl\.gz:2: record has no text field 'text'") as err:
+        run_prepare(cfg)
+    assert "\n" not in str(err.value)
+    _assert_nothing_written(cfg)
+
+
+def test_missing_input_is_one_line_from_the_cli(ray_local, tmp_path, capsys, repo_root):
+    missing = tmp_path / "nowhere"
+    config = str(repo_root / "configs/demo.yaml")
+    code = cli_main(["prepare", "--config", config, f"--prepare.input={missing}", f"--run.workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1
+    assert err == f"raylm prepare: error: {missing}: input not found"
+
+
+def test_demo_corpus(ray_local, tmp_path, repo_root):
+    """The bundled corpus through the demo config: the planted junk and duplicates are removed (ATTRIBUTION.md)."""
+    cfg = load_config(repo_root / "configs/demo.yaml", [f"run.workdir={tmp_path}"])
+    stats = run_prepare(cfg)["stats"]
+    assert stats["input_files"] == 6
+    assert stats["read"]["documents"] == 1155
+    assert {r: v["documents"] for r, v in stats["filter"]["removed"].items()} == {
+        "empty": 2,
+        "too_short": 3,
+        "too_few_words": 1,
+    }
+    assert stats["dedup_exact"]["removed"]["documents"] == 13
+    assert stats["split"]["train"]["documents"] + stats["split"]["validation"]["documents"] == 1136
+    assert stats["split"]["validation"]["documents"] > 20
+    ids = [r["id"] for r in pq.read_table(Path(cfg.prepare.output) / "validation").to_pylist()]
+    assert all(re.fullmatch(r"shard-0[0-5]\.(jsonl|jsonl\.gz|parquet):\d+", i) for i in ids)
+
+
+def test_nothing_left_after_filtering_is_an_error(ray_local, tmp_path):
+    corpus = _write_shards(tmp_path / "raw", [{"text": "too short"}, {"text": ""}], ["tiny.jsonl"])
+    cfg = _cfg(corpus, tmp_path / "run")
+    with pytest.raises(InputError, match=r"no document passes the filters \(prepare.min_chars=20"):
+        run_prepare(cfg)
+    _assert_nothing_written(cfg)
