@@ -149,4 +149,8 @@ def test_bad_inputs_and_configs_are_one_line_errors(corpus, tmp_path):
     empty = write_prepared(tmp_path / "empty", {"train": [[]], "validation": [["a document"]]})
     with pytest.raises(InputError, match="train split has no documents"):
         run_tokenize(make_config(tmp_path, empty, tmp_path / "t"))
+    numbers = write_prepared(tmp_path / "numbers", {"train": [["a document"]]})
+    pq.write_table(pa.table({"id": ["x"], "text": [3]}), numbers / "train" / "part-00001.parquet")
+    with pytest.raises(InputError, match=r"part-00001.parquet: column `text` holds int64, expected strings"):
+        run_tokenize(make_config(tmp_path, numbers, tmp_path / "t"))
     assert not (tmp_path / "t").exists()

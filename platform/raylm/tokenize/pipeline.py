@@ -8,6 +8,11 @@
 Encoding runs in parallel with the input order preserved, and one streaming packer on the
 driver cuts the ordered stream into rows, so the shards are the same bytes on every run,
 whatever the number of actors or the block sizes.
+
+Manifest stats: the TokenMeta fields (shards.py), then per split `documents`, `tokens`
+(separators included), `dropped_tokens` (the tail shorter than a row) and `shards`; and
+`tokenizer_documents`, `tokenizer_seconds`, `encode_seconds`, `tokens_per_s` (tokens encoded
+and packed per second of the encode pass, actor start-up included).
 """
 
 from __future__ import annotations
@@ -66,9 +71,12 @@ def count_documents(files: list[str]) -> int:
             meta = pq.ParquetFile(f).metadata
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... on a bad file
             raise InputError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
-        names = meta.schema.to_arrow_schema().names
-        if TEXT_COLUMN not in names:
-            raise InputError(f"{f}: no `{TEXT_COLUMN}` column (columns: {', '.join(names)})")
+        schema = meta.schema.to_arrow_schema()
+        if TEXT_COLUMN not in schema.names:
+            raise InputError(f"{f}: no `{TEXT_COLUMN}` column (columns: {', '.join(schema.names)})")
+        kind = schema.field(TEXT_COLUMN).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputError(f"{f}: column `{TEXT_COLUMN}` holds {kind}, expected strings")
         total += meta.num_rows
     return total
 
@@ -86,7 +94,8 @@ def _ordered_texts(files: list[str]):
     """The text column of these files as a Ray Dataset whose rows keep the files' order."""
     import ray
 
-    ds = ray.data.read_parquet(files, columns=[TEXT_COLUMN])
+    ds = ray.data.read_parquet(files).select_columns([TEXT_COLUMN])
+    # Set on this dataset's own copy of the DataContext: the global one, shared with other stages, stays as it is.
     ds.context.execution_options.preserve_order = True
     return ds
 
