@@ -15,11 +15,15 @@ forwards the deltas as server-sent events or joins them.
 """
 
 import asyncio
+import errno
 import hmac
 import logging
 import math
 import re
+import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import AsyncIterator
@@ -30,7 +34,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raylm.errors import InputError
+from raylm.errors import InputError, RaylmError
 from raylm.model.artifact import CONFIG, read_model_meta
 from raylm.serve.config import ServeConfig
 from raylm.serve.engine import CompletionJob, Engine
@@ -397,9 +401,24 @@ def _start(cfg) -> tuple[str, list[str]]:
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
     models = available_models(cfg.serve)
     app = build_app(cfg.serve.model_copy(update={"models": models}), cfg.run.name)
+    if not serve.status().proxies:  # Serve not running yet: our HTTP options will apply
+        _check_port_free(cfg.serve.host, cfg.serve.port)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(app, name=cfg.run.name, route_prefix="/")
     return _url(cfg.serve), sorted(models)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail early on a port in use: Serve's proxy would otherwise retry the bind forever."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RaylmError(f"serve.port: {host}:{port} is already in use; choose another with --serve.port=N")
+            # Another errno (an address of another node, say): the proxy will report it itself.
 
 
 def stop_serve() -> None:
@@ -412,6 +431,9 @@ def run_serve(cfg) -> dict:
     base_url, models = _start(cfg)
     auth = " (Authorization: Bearer <serve.api_key>)" if cfg.serve.api_key else ""
     print(f"raylm serve: {', '.join(models)} at {base_url}/v1{auth}; Ctrl-C to stop", flush=True)
+    # `ray job stop` and process managers send SIGTERM: shut down as on Ctrl-C.
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         while True:
             time.sleep(3600)
@@ -419,4 +441,10 @@ def run_serve(cfg) -> dict:
         pass
     finally:
         stop_serve()
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     return {"output": base_url, "models": models}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
