@@ -133,3 +133,15 @@ def test_batch_mixing_a_long_prompt_and_a_long_completion(engine):
         for i, delta in enumerate(step):
             texts[i] += delta["text"] if delta else ""
     assert texts == [r["text"] for r in alone]
+
+
+def test_models_that_do_not_exist_are_skipped_and_none_is_an_error(engine, tmp_path, capsys):
+    from raylm.errors import InputError
+    from raylm.serve.app import available_models
+    from raylm.serve.config import ServeConfig
+
+    cfg = ServeConfig(models={"real": str(engine.loaded.path), "gone": str(tmp_path / "gone")})
+    assert available_models(cfg) == {"real": str(engine.loaded.path)}
+    assert "gone" in capsys.readouterr().err
+    with pytest.raises(InputError, match="no exported model found"):
+        available_models(ServeConfig(models={"gone": str(tmp_path / "gone")}))
