@@ -124,3 +124,10 @@ def test_bad_parquet_and_gzip_name_the_file(tmp_path):
     (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
     with pytest.raises(InputError, match="t.jsonl.gz: cannot read"):
         _read_all(tmp_path / "t.jsonl.gz")
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "u.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe byte"}\n')
+    with pytest.raises(InputError, match="u.jsonl:2: not valid UTF-8"):
+        _read_all(path)

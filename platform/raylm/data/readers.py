@@ -116,7 +116,7 @@ def list_input_files(spec: str) -> list[InputFile]:
 def _static_prefix(pattern: str) -> str:
     """The directory part of a glob before its first wildcard: `data/*/x.jsonl` -> `data`."""
     parts = Path(pattern).parts
-    static = [p for p in parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]]
+    static = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
     return os.path.join(*static) if static else "."
 
 
