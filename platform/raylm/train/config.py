@@ -52,23 +52,58 @@ class TrainConfig(ConfigSection):
     num_workers: int = Field(2, ge=1)
     """Ray Train workers (data-parallel ranks)."""
     cpus_per_worker: float = Field(1.0, gt=0.0)
+    """CPUs each worker reserves from Ray."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Intra-op threads per CPU worker; unset: cpus_per_worker rounded down (at least 1), so workers do not oversubscribe cores."""
     use_gpu: bool = False
-    """One GPU per worker, NCCL; otherwise CPU workers with gloo."""
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo (and DS_ACCELERATOR=cpu)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer states and the update on the host CPU (GPU runs, ZeRO 1-3)."""
+    offload_params: bool = False
+    """ZeRO-Infinity style parameter offload to host memory (GPU runs, ZeRO 3 only)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32, or bf16 / fp16 mixed precision with fp32 master weights (fp16 needs GPUs; bf16 is also fast on recent CPUs)."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per worker per forward pass."""
     grad_accum_steps: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
+    train_batch_size: int | None = Field(None, ge=1)
+    """Sequences per optimizer step over all workers. Optional: when set, it must equal
+    micro_batch_size x grad_accum_steps x data-parallel size, checked before any worker starts."""
     max_steps: int = Field(100, ge=1)
     """Optimizer steps to train for."""
+    shuffle_buffer_sequences: int = Field(1024, ge=0)
+    """Each worker shuffles its sequences within a buffer of this many (0: read in file order)."""
     log_interval_steps: int = Field(10, ge=1)
+    """Training loss, learning rate and tokens/s are printed and recorded every this many steps."""
     eval_interval_steps: int = Field(50, ge=1)
-    """Validation loss and perplexity every this many steps (and at the end)."""
+    """Validation loss and perplexity every this many steps (and at the end); each evaluation is reported to Ray Train."""
     eval_batches: int = Field(8, ge=1)
-    """Micro-batches per worker in one validation pass."""
+    """Micro-batches per worker in one validation pass (the same batches every time)."""
     checkpoint_interval_steps: int = Field(50, ge=1)
     """Save a DeepSpeed checkpoint through ray.train.Checkpoint every this many steps (and at the end)."""
+    checkpoints_to_keep: int = Field(2, ge=1)
+    """Ray Train keeps this many of the latest checkpoints."""
     max_failures: int = Field(0, ge=-1)
-    """Worker-group restarts Ray Train allows after a crash (-1: unlimited)."""
+    """Worker-group restarts Ray Train allows after a crash (-1: unlimited); each restart resumes from the latest checkpoint."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (rank 0) next to the checkpoints."""
+
+    @model_validator(mode="after")
+    def _hardware_fits(self):
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu=true (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
+        if (self.offload_optimizer or self.offload_params) and not self.use_gpu:
+            raise ValueError("offload_optimizer/offload_params move state from GPU to host memory: they need use_gpu=true")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Torch intra-op threads for one CPU worker."""
+        return self.torch_threads or max(1, int(self.cpus_per_worker))

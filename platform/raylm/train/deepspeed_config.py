@@ -1,0 +1,69 @@
+"""The DeepSpeed JSON config, derived from TrainConfig in one place.
+
+Nothing else in raylm writes DeepSpeed settings: the driver calls `deepspeed_config`
+once (which also checks the batch arithmetic before any worker starts) and hands the
+dict to every worker, which passes it to `deepspeed.initialize` unchanged.
+"""
+
+from __future__ import annotations
+
+from raylm.errors import ConfigError
+from raylm.train.config import TrainConfig
+
+# DeepSpeed prints its own step lines every `steps_per_print` steps; raylm prints its own.
+_QUIET_STEPS = 1_000_000_000
+
+
+def check_batch_arithmetic(cfg: TrainConfig, data_parallel_size: int, section: str = "train") -> int:
+    """Sequences per optimizer step (micro_batch_size x grad_accum_steps x data-parallel size).
+
+    Raises ConfigError when `train_batch_size` is set and disagrees, naming every factor.
+    """
+    if data_parallel_size < 1:
+        raise ConfigError(f"{section}: data-parallel size must be at least 1, got {data_parallel_size}")
+    product = cfg.micro_batch_size * cfg.grad_accum_steps * data_parallel_size
+    if cfg.train_batch_size is not None and cfg.train_batch_size != product:
+        raise ConfigError(
+            f"{section}.train_batch_size={cfg.train_batch_size} != micro_batch_size {cfg.micro_batch_size}"
+            f" x grad_accum_steps {cfg.grad_accum_steps} x data-parallel size {data_parallel_size} = {product}"
+        )
+    return product
+
+
+def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, section: str = "train") -> dict:
+    """The config dict for `deepspeed.initialize(config=...)`, for `data_parallel_size` ranks.
+
+    The optimizer and LR schedule are built by raylm (torch AdamW, warmup + cosine) and handed
+    to DeepSpeed as objects, so this dict holds batch sizes, precision, clipping and ZeRO only.
+    """
+    train_batch = check_batch_arithmetic(cfg, data_parallel_size, section)
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage >= 1:
+        # Overlapping reduction with backward helps on GPUs; with gloo on a CPU it only adds buffers.
+        zero["overlap_comm"] = cfg.use_gpu
+        zero["contiguous_gradients"] = True
+    if cfg.zero_stage == 3:
+        # Lets rank 0 gather the full 16-bit weights into one state dict (engine.save_16bit_model).
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = {
+        "train_batch_size": train_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        # raylm passes torch AdamW (DeepSpeedCPUAdam when offloading); DeepSpeed asks for this flag
+        # before it lets ZeRO wrap an optimizer it did not build itself.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "fp16":
+        # Dynamic loss scaling from 2^16, halving on overflow.
+        config["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+    return config

@@ -1,0 +1,395 @@
+"""The per-worker training loop: one Ray Train worker = one DeepSpeed data-parallel rank.
+
+Each worker builds the GPT, hands it to `deepspeed.initialize` with torch AdamW and a
+warmup + cosine schedule, reads its shard of the token data from Ray Data, and trains.
+Every `eval_interval_steps` and `checkpoint_interval_steps` (and at the end) all workers
+evaluate and call `ray.train.report`; at checkpoint steps each rank also saves its part
+of a DeepSpeed checkpoint, and Ray merges the parts into one checkpoint directory:
+
+    <checkpoint>/deepspeed/latest, step<N>/...   engine.save_checkpoint, every rank's files
+    <checkpoint>/state.json                      step, model config, metrics history (rank 0)
+    <checkpoint>/model/                          final checkpoint only: the exported raylm-gpt model
+    <checkpoint>/export_probe.safetensors        final checkpoint only: logits of the trained engine on
+                                                 one validation row, to check the export against
+
+The loss is pluggable (`LoopSpec.loss_hook`), so distillation runs this same loop.
+Everything a worker needs arrives in its `LoopSpec`; nothing is read from module globals.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from raylm.errors import InputError
+from raylm.model.gpt import GPT, GPTConfig
+from raylm.train.config import OptimizerConfig, TrainConfig
+from raylm.train.metrics import TrainLog, perplexity, progress_line
+
+STATE_FILE = "state.json"
+DEEPSPEED_DIR = "deepspeed"
+MODEL_DIR = "model"
+PROBE_FILE = "export_probe.safetensors"
+
+# loss_fn(engine, inputs (B, T), targets (B, T)) -> (scalar loss to backpropagate, {name: scalar} parts to log)
+logger = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class LossHook(Protocol):
+    """A picklable recipe for the training loss, built once inside each worker (e.g. loading a teacher)."""
+
+    def build(self, device: torch.device, dtype: torch.dtype) -> LossFn: ...
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Everything one worker needs, computed on the driver and pickled to every worker."""
+
+    train: TrainConfig
+    model: dict
+    """GPTConfig fields of the model to train."""
+    deepspeed: dict
+    """The DeepSpeed config from raylm.train.deepspeed_config, used unchanged."""
+    tokenizer_file: str
+    eos_token_id: int
+    run_name: str
+    seed: int = 0
+    tensorboard_dir: str | None = None
+    loss_hook: LossHook | None = None
+    """None: next-token cross-entropy. Validation always measures cross-entropy."""
+    export_extra: dict = field(default_factory=dict)
+    """Extra keys for the exported model's config.json (e.g. what it was distilled from)."""
+
+
+def lm_loss(engine: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
+    """Next-token cross-entropy: the GPT's own loss."""
+    _, loss = engine(inputs, targets)
+    return loss, {}
+
+
+def lr_factor(step: int, opt: OptimizerConfig, max_steps: int) -> float:
+    """Multiplier of the peak LR after `step` optimizer steps: linear warmup, then cosine down to min_lr_ratio."""
+    if step < opt.warmup_steps:
+        return (step + 1) / (opt.warmup_steps + 1)
+    span = max(1, max_steps - opt.warmup_steps)
+    progress = min(1.0, (step - opt.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * cosine
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings (>= 2-D) only, not on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optimizer.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    betas = (cfg.optimizer.beta1, cfg.optimizer.beta2)
+    if cfg.offload_optimizer:
+        # ZeRO-Offload steps the optimizer on the host; DeepSpeed's vectorized CPU Adam is made for that.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.optimizer.lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, fused=cfg.use_gpu or None)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `config["spec"]` is a LoopSpec."""
+    spec: LoopSpec = config["spec"]
+    cfg = spec.train
+    if not cfg.use_gpu:
+        # Must precede the first `import deepspeed` in this process: DeepSpeed picks its accelerator on import.
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        torch.set_num_threads(cfg.threads_per_worker)
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    engine, scheduler, num_params = _build_engine(spec)
+    start_step, history = _restore(engine, spec)
+    torch.manual_seed(spec.seed + 1 + rank + 7919 * start_step)  # dropout differs per rank and per restart
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    loss_fn = spec.loss_hook.build(device, dtype) if spec.loss_hook is not None else lm_loss
+    val_batches = _validation_batches(ray.train.get_dataset_shard("validation"), cfg, device)
+    train_batches = _train_batches(ray.train.get_dataset_shard("train"), cfg, spec.seed + rank, device)
+    log = TrainLog(spec.run_name, history, spec.tensorboard_dir) if rank == 0 else None
+    if rank == 0:
+        logger.info(
+            f"[raylm] {spec.run_name}: {num_params:,} params, {world} workers,"
+            f" ZeRO {cfg.zero_stage}, {cfg.precision}, steps {start_step}->{cfg.max_steps}"
+        )
+
+    seq_len = int(val_batches[0].size(1) - 1)
+    tokens_per_step = spec.deepspeed["train_batch_size"] * seq_len
+    window = _Window(device, cfg.grad_accum_steps)
+    started = time.perf_counter()
+    # a run resumed at (or past) max_steps trains no further: it re-reports the last logged figures
+    last_logged = next(({k: v for k, v in h.items() if k != "step"} for h in reversed(history) if "loss" in h), {})
+    for step in range(start_step + 1, cfg.max_steps + 1):
+        for _ in range(cfg.grad_accum_steps):
+            inputs, targets = _shift(next(train_batches))
+            loss, parts = loss_fn(engine, inputs, targets)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer and scheduler only at accumulation boundaries
+            window.add(loss, parts)
+        final = step == cfg.max_steps
+        report = final or step % cfg.eval_interval_steps == 0 or step % cfg.checkpoint_interval_steps == 0
+        if step % cfg.log_interval_steps == 0 or report:
+            last_logged = window.flush(scheduler.get_last_lr()[0], tokens_per_step)
+            if log is not None:
+                log.record(step, last_logged)
+                logger.info(f"[raylm] {progress_line(step, cfg.max_steps, last_logged)}")
+        if report and not final:
+            checkpoint = step % cfg.checkpoint_interval_steps == 0
+            _report(engine, spec, step, start_step, last_logged, val_batches, log, started, checkpoint=checkpoint)
+            window.started = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+    final_step = max(cfg.max_steps, start_step)
+    _report(engine, spec, final_step, start_step, last_logged, val_batches, log, started, checkpoint=True, export=True)
+    if log is not None:
+        log.close()
+
+
+def _build_engine(spec: LoopSpec):
+    """(DeepSpeed engine, its LR scheduler, parameter count) for the spec's GPT, AdamW and DeepSpeed config."""
+    import deepspeed
+
+    cfg = spec.train
+    torch.manual_seed(spec.seed)  # the same initial weights on every rank
+    model = GPT(GPTConfig.from_dict(spec.model))
+    num_params = model.num_params(non_embedding=False)  # before ZeRO-3 partitions the parameters away
+    optimizer = build_optimizer(model, cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, opt=cfg.optimizer, max_steps=cfg.max_steps)
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=spec.deepspeed
+    )
+    return engine, scheduler, num_params
+
+
+class _Window:
+    """Sums of the training loss (and its parts) since the last log line, kept on the device."""
+
+    def __init__(self, device: torch.device, grad_accum_steps: int):
+        self.device = device
+        self.grad_accum_steps = grad_accum_steps
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.micro_steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        for key, value in {"loss": loss, **parts}.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
+        self.micro_steps += 1
+
+    def flush(self, lr: float, tokens_per_step: int) -> dict:
+        """Mean loss over all ranks and micro-batches since the last flush, the LR and the global throughput."""
+        import torch.distributed as dist
+
+        keys = sorted(self.sums)
+        count = torch.tensor(float(self.micro_steps), device=self.device)
+        totals = torch.stack([self.sums[k] for k in keys] + [count]).to(self.device, torch.float64)
+        dist.all_reduce(totals)  # (len(keys) + 1,): summed over ranks
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        steps = max(self.micro_steps / self.grad_accum_steps, 1e-9)  # every rank ran the same micro-steps
+        values = {k: float(totals[i] / totals[-1]) for i, k in enumerate(keys)}
+        values.update(lr=float(lr), step_time_s=seconds / steps, tokens_per_s=tokens_per_step * steps / seconds)
+        self._reset()
+        return values
+
+
+def _shift(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T + 1) rows -> inputs (B, T) = row[:-1], targets (B, T) = row[1:], each contiguous."""
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def _train_batches(shard, cfg: TrainConfig, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Endless (micro_batch_size, seq_len + 1) int64 batches from this worker's shard, epoch after epoch."""
+    buffer = max(cfg.shuffle_buffer_sequences, cfg.micro_batch_size) if cfg.shuffle_buffer_sequences else None
+    epoch = 0
+    while True:
+        count = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=cfg.micro_batch_size,
+            dtypes=torch.int64,
+            device=device,
+            drop_last=True,  # every rank runs the same number of steps (shards hold equal row counts)
+            local_shuffle_buffer_size=buffer,
+            local_shuffle_seed=seed + 1000 * epoch if buffer else None,
+        ):
+            count += 1
+            yield batch["tokens"]
+        if count == 0:
+            raise InputError(f"{cfg.data}/train: fewer than micro_batch_size={cfg.micro_batch_size} sequences per worker")
+        epoch += 1
+
+
+def _validation_batches(shard, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
+    """This worker's validation batches (at most `eval_batches`), kept in memory and reused.
+
+    All ranks keep the same number (the minimum over ranks): under ZeRO-3 every forward pass is a collective.
+    """
+    import torch.distributed as dist
+
+    # The driver limits the validation dataset to eval_batches per worker: read the shard to its end.
+    batches = [
+        batch["tokens"]
+        for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch_size, dtypes=torch.int64, device=device)
+    ][: cfg.eval_batches]
+    count = torch.tensor([len(batches)], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN)
+    if int(count) == 0:
+        raise InputError(f"{cfg.data}/validation: a worker got no validation sequences")
+    return batches[: int(count)]
+
+
+@torch.no_grad()
+def _evaluate(engine, batches: list[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy over every rank's validation batches."""
+    import torch.distributed as dist
+
+    engine.eval()
+    device = batches[0].device
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
+    for batch in batches:
+        inputs, targets = _shift(batch)
+        _, loss = engine(inputs, targets)
+        tokens = targets.numel()
+        totals += torch.stack([loss.detach().double() * tokens, torch.tensor(float(tokens), device=device).double()])
+    dist.all_reduce(totals)
+    engine.train()
+    return float(totals[0] / totals[1])
+
+
+def _report(
+    engine,
+    spec: LoopSpec,
+    step: int,
+    start_step: int,
+    train_values: dict,
+    val_batches: list[torch.Tensor],
+    log: TrainLog | None,
+    started: float,
+    *,
+    checkpoint: bool,
+    export: bool = False,
+) -> None:
+    """Evaluate, then report to Ray Train on every rank, with this rank's checkpoint files when due."""
+    import ray.train
+
+    val_loss = _evaluate(engine, val_batches)
+    evaluation = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+    if log is not None:
+        log.record(step, evaluation)
+        logger.info(f"[raylm] {progress_line(step, spec.train.max_steps, evaluation)}")
+    metrics = {
+        "step": step,
+        "loss": train_values.get("loss", float("nan")),
+        "lr": train_values.get("lr", float("nan")),
+        "tokens_per_s": train_values.get("tokens_per_s", float("nan")),
+        "step_time_s": train_values.get("step_time_s", float("nan")),
+        **{k: v for k, v in train_values.items() if k in ("ce", "kl")},
+        **evaluation,
+        "elapsed_s": time.perf_counter() - started,
+        "start_step": start_step,  # > 0: this run resumed from a checkpoint at that step
+    }
+    if not checkpoint:
+        ray.train.report(metrics)
+        return
+    directory = Path(tempfile.mkdtemp(prefix="raylm-checkpoint-"))
+    try:
+        _save(engine, spec, step, log, directory)
+        if export:
+            _export(engine, spec, step, _shift(val_batches[0][:1])[0], directory)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _save(engine, spec: LoopSpec, step: int, log: TrainLog | None, directory: Path) -> None:
+    """This rank's part of the DeepSpeed checkpoint; rank 0 adds state.json."""
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state={"step": step})
+    if log is not None:
+        state = {"step": step, "model": spec.model, "history": log.history}
+        (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+def _restore(engine, spec: LoopSpec) -> tuple[int, list[dict]]:
+    """(step, metrics history) of the checkpoint Ray Train hands this run, or (0, []) for a fresh start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        if state["model"] != spec.model:
+            raise InputError(
+                f"{checkpoint.path}: checkpoint of a different model ({state['model']}); "
+                "choose another run name or remove the old run's storage"
+            )
+        path, client_state = engine.load_checkpoint(str(Path(d) / DEEPSPEED_DIR))
+        if path is None:
+            raise InputError(f"{checkpoint.path}: DeepSpeed could not load the checkpoint")
+    return int(client_state["step"]), list(state["history"])
+
+
+def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: Path) -> None:
+    """Consolidated fp32 weights as a raylm-gpt model dir (rank 0), plus the engine's logits on `probe`.
+
+    `safe_get_full_fp32_param` assembles each parameter from the optimizer's fp32 master
+    copy (ZeRO 1-3, bf16): a collective, so every rank walks the parameters in the same order.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors.torch import save_file
+
+    from raylm.model.artifact import save_model
+
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    full = {}
+    for name, param in engine.module.named_parameters():
+        value = safe_get_full_fp32_param(param)
+        if value is None:  # ZeRO 0 in fp32: the module holds the whole fp32 weight itself
+            value = param.detach()
+        if rank == 0:
+            full[name] = value.detach().float().cpu().clone()
+    with torch.no_grad():
+        engine.eval()
+        logits, _ = engine(probe)  # a collective under ZeRO-3
+        engine.train()
+    if rank != 0:
+        return
+    model = GPT(GPTConfig.from_dict(spec.model))
+    missing = {name for name, _ in model.named_parameters()} - set(full)
+    if missing:
+        raise RuntimeError(f"export: parameters missing from the engine: {sorted(missing)}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(full[name])
+    extra = {"trained_steps": step, "run_name": spec.run_name, **spec.export_extra}
+    save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=extra)
+    save_file({"input_ids": probe.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}, str(directory / PROBE_FILE))

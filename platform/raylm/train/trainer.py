@@ -1,0 +1,239 @@
+"""The train stage's driver: a Ray Train TorchTrainer whose workers run the DeepSpeed loop in loop.py.
+
+    trainer = build_trainer(cfg.train, run_name="demo", storage_path="/abs/runs/demo/train.ray")
+    result = trainer.fit()          # result.metrics: step, loss, val_loss, val_ppl, lr, tokens_per_s, ...
+
+`run_train(cfg)` is the stage: it fits into a stable Ray storage directory beside the output
+(`<train.output>.ray/<fingerprint>/<run.name>`), so a run that was killed resumes from its
+latest checkpoint when started again with the same config, then writes the finished output
+atomically:
+
+    <train.output>/model/              exported raylm-gpt model (fp32 safetensors, tokenizer, config)
+    <train.output>/metrics.json        summary, final reported metrics, the full metrics history
+    <train.output>/loss_curve.png      training and validation loss against step
+    <train.output>/ray/<run.name>/     Ray Train storage: DeepSpeed checkpoints, TensorBoard events
+    <train.output>/manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from raylm.artifacts import StageOutput, stage_output
+from raylm.errors import ConfigError, InputError
+from raylm.model.gpt import GPTConfig, build_config
+from raylm.tokenize.shards import TokenMeta, read_token_meta
+from raylm.train.config import TrainConfig
+from raylm.train.deepspeed_config import deepspeed_config
+from raylm.train.loop import MODEL_DIR, PROBE_FILE, STATE_FILE, LossHook, LoopSpec, train_loop_per_worker
+from raylm.train.metrics import plot_loss_curve
+
+RAY_DIR = "ray"
+
+
+def model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "train") -> GPTConfig:
+    """The GPTConfig of `train_cfg.model`, sized to the token data's vocabulary and sequence length."""
+    m = train_cfg.model
+    try:
+        return build_config(
+            m.preset,
+            n_layer=m.n_layer,
+            n_head=m.n_head,
+            d_model=m.d_model,
+            dropout=m.dropout,
+            vocab_size=meta.vocab_size,
+            block_size=meta.seq_len,
+        )
+    except ValueError as e:
+        raise ConfigError(f"{section}.model: {e}") from None
+
+
+def _check_data(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig) -> None:
+    """Fail on the driver, naming the path, when the data cannot feed every worker or the model."""
+    need_train = train_cfg.micro_batch_size * train_cfg.num_workers
+    have = meta.num_sequences.get("train", 0)
+    if have < need_train:
+        raise InputError(
+            f"{meta.split_dir('train')}: {have} sequences, need at least micro_batch_size x num_workers = {need_train}"
+        )
+    if meta.num_sequences.get("validation", 0) < train_cfg.num_workers:
+        raise InputError(
+            f"{meta.split_dir('validation')}: {meta.num_sequences.get('validation', 0)} sequences,"
+            f" need at least one per worker ({train_cfg.num_workers})"
+        )
+    if gpt.block_size < meta.seq_len:
+        raise InputError(f"{meta.path}: seq_len {meta.seq_len} exceeds the model's block_size {gpt.block_size}")
+    if gpt.vocab_size < meta.vocab_size:
+        raise InputError(f"{meta.path}: vocab_size {meta.vocab_size} exceeds the model's vocab_size {gpt.vocab_size}")
+
+
+def build_trainer(
+    train_cfg: TrainConfig,
+    *,
+    run_name: str,
+    storage_path: str,
+    seed: int = 0,
+    callbacks: list = (),
+    model: GPTConfig | None = None,
+    loss_hook: LossHook | None = None,
+    export_extra: dict | None = None,
+    section: str = "train",
+):
+    """A TorchTrainer training `train_cfg` with DeepSpeed; `fit()` it to run.
+
+    Workers report `step, loss, val_loss, val_ppl, lr, tokens_per_s, step_time_s, elapsed_s`
+    at every evaluation and at the end, with a checkpoint at checkpoint steps and at the end
+    (the final one holds the exported model in `model/`). Re-fitting with the same
+    `storage_path` and `run_name` resumes from the latest checkpoint.
+
+    model: the GPTConfig to train (default: `train_cfg.model` sized to the token data).
+    loss_hook: the training loss (default: cross-entropy); distillation passes its own.
+    export_extra: extra keys for the exported model's config.json.
+    section: config section named in errors ("train", "distill").
+    """
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylm.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray()
+    meta = read_token_meta(train_cfg.data)
+    gpt = model or model_config(train_cfg, meta, section)
+    _check_data(train_cfg, meta, gpt)
+    storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
+    tensorboard_dir = None
+    if train_cfg.tensorboard and "://" not in storage_path:
+        tensorboard_dir = os.path.join(storage_path, run_name, "tensorboard")
+    spec = LoopSpec(
+        train=train_cfg,
+        model=gpt.to_dict(),
+        deepspeed=deepspeed_config(train_cfg, data_parallel_size=train_cfg.num_workers, section=section),
+        tokenizer_file=str(meta.tokenizer_file.resolve()),
+        eos_token_id=meta.eos_token_id,
+        run_name=run_name,
+        seed=seed,
+        tensorboard_dir=tensorboard_dir,
+        loss_hook=loss_hook,
+        export_extra=dict(export_extra or {}),
+    )
+    # Only the batches evaluated are read from the validation split.
+    val_rows = train_cfg.eval_batches * train_cfg.micro_batch_size * train_cfg.num_workers
+    datasets = {
+        "train": ray.data.read_parquet(str(meta.split_dir("train").resolve())),
+        "validation": ray.data.read_parquet(str(meta.split_dir("validation").resolve())).limit(val_rows),
+    }
+    worker_env = {} if train_cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec},
+        torch_config=TorchConfig(backend="nccl" if train_cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=train_cfg.num_workers,
+            use_gpu=train_cfg.use_gpu,
+            resources_per_worker={"CPU": train_cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
+            callbacks=list(callbacks),
+            worker_runtime_env=worker_env,
+        ),
+        datasets=datasets,
+    )
+
+
+def ray_storage(output: str | os.PathLike, fingerprint: str) -> Path:
+    """Where a stage's Ray Train run lives until it finishes: stable across restarts of the same config."""
+    return Path(f"{os.path.abspath(output)}.ray") / fingerprint
+
+
+def export_check(model_dir: Path, probe: dict) -> float:
+    """Largest |difference| between the exported model's logits and the trained engine's on the probe row."""
+    import torch
+
+    from raylm.model.artifact import load_model
+
+    loaded = load_model(model_dir)
+    with torch.no_grad():
+        logits, _ = loaded.model(probe["input_ids"])
+    return float((logits - probe["logits"]).abs().max())
+
+
+def fit_to_output(trainer, out: StageOutput, *, storage: Path, run_name: str, title: str) -> dict:
+    """Fit, then fill `out.tmp` with the model, metrics and loss curve; move the Ray storage in. Returns the summary."""
+    from safetensors.torch import load_file
+
+    started = time.time()
+    result = trainer.fit()
+    seconds = time.time() - started
+    if result.checkpoint is None:
+        raise RuntimeError(f"{storage / run_name}: the run reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        checkpoint = Path(d)
+        shutil.copytree(checkpoint / MODEL_DIR, out.tmp / MODEL_DIR)
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        probe = load_file(str(checkpoint / PROBE_FILE))
+    final = dict(result.metrics)
+    model_meta = json.loads((out.tmp / MODEL_DIR / "config.json").read_text())
+    summary = {
+        "output": str(out.path),
+        "model": str(out.path / MODEL_DIR),
+        "metrics": str(out.path / "metrics.json"),
+        "loss_curve": str(out.path / "loss_curve.png"),
+        "checkpoint": str(out.path / RAY_DIR / os.path.relpath(result.checkpoint.path, storage)),
+        "steps": int(final["step"]),
+        "loss": final["loss"],
+        "val_loss": final["val_loss"],
+        "val_ppl": final["val_ppl"],
+        "tokens_per_s": final["tokens_per_s"],
+        "step_time_s": final.get("step_time_s"),
+        "seconds": round(seconds, 1),
+        "num_params": model_meta["num_params"],
+        "export_max_abs_diff": export_check(out.tmp / MODEL_DIR, probe),
+    }
+    history = state["history"]
+    (out.tmp / "metrics.json").write_text(json.dumps({"summary": summary, "final": final, "history": history}, indent=2))
+    plot_loss_curve(history, out.tmp / "loss_curve.png", title)
+    # The run is finished: its checkpoints move into the output; the resumable copy beside it goes.
+    shutil.move(str(storage / run_name), str(out.tmp / RAY_DIR / run_name))
+    shutil.rmtree(storage, ignore_errors=True)
+    try:
+        storage.parent.rmdir()  # <output>.ray, when no other config's run is waiting there
+    except OSError:
+        pass
+    return summary
+
+
+def stage_config(section_cfg, seed: int) -> dict:
+    """What a stage's manifest fingerprints: its section plus the seed (a new seed is a new run)."""
+    return {**json.loads(section_cfg.model_dump_json()), "seed": seed}
+
+
+def run_train(cfg) -> dict:
+    """The train stage: fit `cfg.train` on its token data, export `<train.output>/model`, return a summary."""
+    import ray
+
+    from raylm.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    tc = cfg.train
+    with stage_output(tc.output, "train", stage_config(tc, cfg.run.seed), [tc.data], cfg.run.overwrite) as out:
+        if out.done:
+            return {**out.manifest.get("stats", {}), "output": str(out.path)}
+        storage = ray_storage(tc.output, out.manifest["fingerprint"])
+        trainer = build_trainer(tc, run_name=cfg.run.name, storage_path=str(storage), seed=cfg.run.seed)
+        m = tc.model
+        title = f"{cfg.run.name}: preset {m.preset}, {tc.num_workers} workers, ZeRO {tc.zero_stage}, {tc.precision}"
+        summary = fit_to_output(trainer, out, storage=storage, run_name=cfg.run.name, title=title)
+        out.stats = summary
+    return summary

@@ -1,0 +1,144 @@
+"""The train stage on a local Ray: 2 DeepSpeed workers (gloo, CPU), a debug-size GPT, a few steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raylm.artifacts import read_manifest, stage_output
+from raylm.config import load_config
+from raylm.model.artifact import load_model
+from raylm.tokenize.shards import TokenMeta, token_dtype, write_token_shard
+from raylm.train.config import ModelConfig, TrainConfig
+from raylm.train.trainer import build_trainer, run_train
+
+SEQ_LEN = 32
+
+
+def write_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
+    """A real byte-level BPE tokenizer and packed token shards of a small, learnable made-up corpus."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    rng = random.Random(0)
+    who = ["the cat", "a dog", "the king", "my friend", "the old man", "a bird"]
+    did = ["sat on", "looked at", "walked to", "sang about", "dreamt of"]
+    what = ["the mat", "a tree", "the castle", "the sea", "a small house", "the moon"]
+    docs = [
+        " ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)}." for _ in range(rng.randint(3, 8)))
+        for _ in range(400)
+    ]
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(docs, vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    eos, vocab = tokenizer.token_to_id("<|endoftext|>"), tokenizer.get_vocab_size()
+    counts = {}
+    with stage_output(path, "tokenize", {"test": "train"}) as out:
+        tokenizer.save(str(out.tmp / "tokenizer.json"))
+        for split, part in (("train", docs[:360]), ("validation", docs[360:])):
+            ids = [i for doc in part for i in tokenizer.encode(doc).ids + [eos]]
+            rows = np.stack([ids[k * seq_len : (k + 1) * seq_len + 1] for k in range((len(ids) - 1) // seq_len)])
+            (out.tmp / split).mkdir()
+            write_token_shard(out.tmp / split / "part-00000.parquet", rows.astype(token_dtype(vocab)))
+            counts[split] = len(rows)
+        meta = TokenMeta(path, vocab, seq_len, eos, str(token_dtype(vocab)), counts)
+        out.stats = meta.to_stats()
+    return meta
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> TokenMeta:
+    return write_token_data(tmp_path_factory.mktemp("train") / "tokens")
+
+
+def test_train_stage_learns_exports_and_is_a_no_op_when_done(ray_local, tokens, tmp_path):
+    overrides = [
+        "--prepare.input=unused",
+        f"--run.workdir={tmp_path}",
+        "--run.name=unit",
+        f"--tokenize.output={tokens.path}",
+        "--train.model.preset=debug",
+        "--train.num_workers=2",
+        "--train.zero_stage=1",
+        "--train.micro_batch_size=4",
+        "--train.max_steps=12",
+        "--train.optimizer.warmup_steps=2",
+        "--train.log_interval_steps=2",
+        "--train.eval_interval_steps=6",
+        "--train.checkpoint_interval_steps=6",
+        "--train.eval_batches=2",
+    ]
+    cfg = load_config(None, overrides)
+    summary = run_train(cfg)
+
+    out = Path(cfg.train.output)
+    assert summary["output"] == str(out) and summary["steps"] == 12
+    assert math.isfinite(summary["loss"]) and math.isfinite(summary["val_loss"])
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-6)
+    assert summary["tokens_per_s"] > 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    val_losses = [h["val_loss"] for h in history if "val_loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(val_losses) == 2 and val_losses[-1] < val_losses[0]
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert read_manifest(out)["stats"]["steps"] == 12
+    assert not Path(f"{out}.ray").exists()  # the resumable run moved into the output
+
+    # The exported model reproduces the trained engine's logits on a validation row.
+    model = load_model(out / "model")
+    assert model.config.vocab_size == tokens.vocab_size and model.config.block_size == SEQ_LEN
+    assert model.eos_token_id == tokens.eos_token_id
+    checkpoint = Path(summary["checkpoint"])
+    assert (checkpoint / "deepspeed" / "latest").exists()
+    probe = load_file(str(checkpoint / "export_probe.safetensors"))
+    with torch.no_grad():
+        logits, _ = model.model(probe["input_ids"])
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+    assert summary["export_max_abs_diff"] < 1e-5
+
+    assert run_train(cfg)["steps"] == 12  # same config: the finished output is returned, nothing runs
+
+
+def test_zero3_run_resumes_from_its_checkpoint(ray_local, tokens, tmp_path):
+    def fit(max_steps: int):
+        cfg = TrainConfig(
+            data=str(tokens.path),
+            output=str(tmp_path / "out"),
+            model=ModelConfig(preset="debug"),
+            num_workers=2,
+            zero_stage=3,
+            micro_batch_size=4,
+            max_steps=max_steps,
+            log_interval_steps=2,
+            eval_interval_steps=4,
+            checkpoint_interval_steps=4,
+            eval_batches=1,
+            tensorboard=False,
+        )
+        return build_trainer(cfg, run_name="resume", storage_path=str(tmp_path / "ray")).fit()
+
+    first = fit(4)
+    assert first.metrics["step"] == 4 and first.metrics["start_step"] == 0
+    assert first.checkpoint is not None
+    second = fit(8)
+    assert second.metrics["step"] == 8
+    assert second.metrics["start_step"] == 4  # continued from the first run's checkpoint, not from scratch
+    for key in ("loss", "val_loss", "val_ppl", "lr", "tokens_per_s"):
+        assert math.isfinite(second.metrics[key])
+
+    # ZeRO-3 export: parameters gathered from both ranks' shards give the engine's logits.
+    with second.checkpoint.as_directory() as d:
+        model = load_model(Path(d) / "model")
+        probe = load_file(str(Path(d) / "export_probe.safetensors"))
+        state = json.loads((Path(d) / "state.json").read_text())
+    with torch.no_grad():
+        logits, _ = model.model(probe["input_ids"])
+    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
+    assert model.meta["trained_steps"] == 8
+    assert [h["step"] for h in state["history"] if "loss" in h] == [2, 4, 6, 8]  # one history across both runs
