@@ -6,6 +6,7 @@ import csv
 import json
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ train:
   tensorboard: false
 tune:
   num_samples: 3
-  max_concurrent_trials: 1
+  max_concurrent_trials: 2
   max_steps_per_trial: 8
   num_workers_per_trial: 1
   evals_per_trial: 4
@@ -113,6 +114,9 @@ def test_leaderboard_has_a_ranked_row_per_trial(swept):
     assert [t["trial_id"] for t in board["trials"]] == [r["trial_id"] for r in rows]
     for t in board["trials"]:  # one report per eval interval (2 steps), as many as the trial ran
         assert [step for step, _ in t["curve"]] == list(range(2, t["steps"] + 1, 2))
+        assert (t["checkpoint"] is not None) == (t["steps"] == 8)
+    # the best trial's final checkpoint holds its exported model
+    assert (Path(summary["best_checkpoint"]) / "model" / "config.json").is_file()
 
 
 def test_best_config_loads_with_the_best_params_and_full_length_training(swept):

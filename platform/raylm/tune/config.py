@@ -38,8 +38,9 @@ class TuneConfig(ConfigSection):
     """Dotted keys of the train config to search (e.g. optimizer.lr, micro_batch_size, model.dropout), each with its distribution."""
     num_samples: int = Field(4, ge=1)
     """Trials to run."""
-    max_concurrent_trials: int = Field(1, ge=1)
-    """Trials running at once; each holds num_workers_per_trial * train.cpus_per_worker CPUs while it runs."""
+    max_concurrent_trials: int = Field(2, ge=1)
+    """Trials running at once; each holds num_workers_per_trial * train.cpus_per_worker CPUs while it runs.
+    Two overlap one trial's start-up (worker processes, imports, data) with the other's training."""
     max_steps_per_trial: int = Field(30, ge=1)
     """Each trial trains for this many steps (overrides train.max_steps)."""
     num_workers_per_trial: int = Field(1, ge=1)

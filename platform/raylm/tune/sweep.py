@@ -61,7 +61,7 @@ class TrialRecord:
     best_val_loss: float | None = None
     final_val_ppl: float | None = None
     seconds: float | None = None
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the final checkpoint (with the exported model), relative to tune.output
     error: str | None = None
     curve: list[tuple[int, float]] = field(default_factory=list)
     rank: int | None = None
@@ -180,8 +180,8 @@ def _finite(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _record(result, tune_cfg: TuneConfig) -> TrialRecord:
-    """A leaderboard record from one Tune Result."""
+def _record(result, tune_cfg: TuneConfig, root: Path) -> TrialRecord:
+    """A leaderboard record from one Tune Result of a sweep written under `root`."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")
     params = {k: result.config[k] for k in tune_cfg.search_space if k in (result.config or {})}
@@ -199,7 +199,9 @@ def _record(result, tune_cfg: TuneConfig) -> TrialRecord:
         record.best_val_loss = min(losses) if losses else None
         record.final_val_ppl = _finite(metrics.get("val_ppl"))
         record.seconds = _finite(metrics.get("time_total_s"))
-        record.checkpoint = metrics.get("checkpoint_path")
+        checkpoint = metrics.get("checkpoint_path")
+        if checkpoint and record.steps >= tune_cfg.max_steps_per_trial:
+            record.checkpoint = os.path.relpath(checkpoint, root) if checkpoint.startswith(str(root)) else checkpoint
     record.stopped_early = record.status == "ok" and record.steps < tune_cfg.max_steps_per_trial
     return record
 
@@ -293,7 +295,7 @@ def _print_leaderboard(records: list[TrialRecord], tune_cfg: TuneConfig) -> None
     from rich.table import Table
 
     table = Table(title=f"tune: {len(records)} trials, ranked by final {tune_cfg.metric}")
-    for col in ("#", "trial", *tune_cfg.search_space, "steps", "val_loss", "val_ppl", "status"):
+    for col in ("#", "trial", *(k.rsplit(".", 1)[-1] for k in tune_cfg.search_space), "steps", "val_loss", "val_ppl", "status"):
         table.add_column(col)
     for r in records:
         status = r.error or ("stopped by ASHA" if r.stopped_early else "completed")
@@ -343,7 +345,7 @@ def run_tune(cfg) -> dict:
         pgs_before = set(ray.util.placement_group_table())
         grid = _run_trials(train, tune_cfg, cfg.run.seed, root, cfg.run.name)
         _wait_for_released_placement_groups(pgs_before)
-        records = rank_trials([_record(result, tune_cfg) for result in grid], tune_cfg)
+        records = rank_trials([_record(result, tune_cfg, root) for result in grid], tune_cfg)
         best = records[0] if records and _score(records[0], tune_cfg) is not None else None
         if best is None:
             first = next((r.error for r in records if r.error), "no trial reported a validation loss")
@@ -361,7 +363,7 @@ def run_tune(cfg) -> dict:
             "best_params": best.params,
             "best_val_loss": best.final_val_loss,
             "best_val_ppl": best.final_val_ppl,
-            "best_checkpoint": best.checkpoint and str(out.path / os.path.relpath(best.checkpoint, root)),
+            "best_checkpoint": best.checkpoint and str(out.path / best.checkpoint),
             "num_trials": len(records),
             "num_stopped_early": stopped,
             "num_errors": sum(r.status == "error" for r in records),
