@@ -48,22 +48,28 @@ def run_demo(cfg: RaylmConfig, address: str | None = None, keep_serving: bool = 
     model = cfg.run.name
     completion = fetch_completion(base_url, model, DEMO_PROMPT, api_key=cfg.serve.api_key)
 
+    if not keep_serving:
+        import ray
+
+        stop_serve()
+        ray.shutdown()  # no late worker logs after the results below
+
     console.rule("[bold]raylm demo: results")
     for stage, out in outputs.items():
-        console.print(f"  {stage:<9} {out}")
+        print(f"  {stage:<9} {out}")
     table = Path(outputs["evaluate"]) / "table.txt"
     if table.exists():
-        console.print(table.read_text().rstrip(), markup=False, highlight=False)
+        print(table.read_text().rstrip())  # plain print: rich would re-wrap the fixed-width table
     text = completion["choices"][0]["text"]
-    console.print(f"POST {base_url}/v1/completions model={model} prompt={DEMO_PROMPT!r}", markup=False)
-    console.print(f"completion: {DEMO_PROMPT + text!r}", markup=False, highlight=False)
-    console.print(f"demo finished in {time.time() - started:.0f}s", highlight=False)
+    print(f"POST {base_url}/v1/completions model={model} prompt={DEMO_PROMPT!r}")
+    print(f"completion: {DEMO_PROMPT + text!r}")
+    print(f"demo finished in {time.time() - started:.0f}s", flush=True)
     if keep_serving:
-        console.print(f"serving {sorted(cfg.serve.models)} at {base_url}/v1 (Ctrl-C to stop)")
+        print(f"serving {sorted(cfg.serve.models)} at {base_url}/v1 (Ctrl-C to stop)", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
-    stop_serve()
+        stop_serve()
     return 0
