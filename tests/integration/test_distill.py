@@ -28,7 +28,9 @@ def write_token_data(path: Path) -> TokenMeta:
     words = ["the cat", "a dog", "sat on", "looked at", "the mat", "a tree", "the sea", "the moon"]
     docs = [" ".join(rng.choice(words) for _ in range(rng.randint(10, 30))) + "." for _ in range(300)]
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(docs, vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator(
+        docs, vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     eos, vocab = tokenizer.token_to_id("<|endoftext|>"), tokenizer.get_vocab_size()
     counts = {}
     with stage_output(path, "tokenize", {"test": "distill"}) as out:

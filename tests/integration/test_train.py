@@ -16,7 +16,6 @@ from raylm.artifacts import read_manifest, stage_output
 from raylm.config import load_config
 from raylm.model.artifact import load_model
 from raylm.tokenize.shards import TokenMeta, token_dtype, write_token_shard
-from raylm.train.config import ModelConfig, TrainConfig
 from raylm.train.trainer import build_trainer, run_train
 
 SEQ_LEN = 32
@@ -35,7 +34,9 @@ def write_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
         for _ in range(400)
     ]
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(docs, vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator(
+        docs, vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
+    )
     eos, vocab = tokenizer.token_to_id("<|endoftext|>"), tokenizer.get_vocab_size()
     counts = {}
     with stage_output(path, "tokenize", {"test": "train"}) as out:
@@ -52,19 +53,18 @@ def write_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> TokenMeta:
-    return write_token_data(tmp_path_factory.mktemp("train") / "tokens")
-
-
-def test_train_stage_learns_exports_and_is_a_no_op_when_done(ray_local, tokens, tmp_path):
+def trained(ray_local, tmp_path_factory):
+    """One ZeRO-3 run of the train stage, shared by the tests below: (config, summary, token meta)."""
+    root = tmp_path_factory.mktemp("train")
+    tokens = write_token_data(root / "tokens")
     overrides = [
         "--prepare.input=unused",
-        f"--run.workdir={tmp_path}",
+        f"--run.workdir={root}",
         "--run.name=unit",
         f"--tokenize.output={tokens.path}",
         "--train.model.preset=debug",
         "--train.num_workers=2",
-        "--train.zero_stage=1",
+        "--train.zero_stage=3",
         "--train.micro_batch_size=4",
         "--train.max_steps=12",
         "--train.optimizer.warmup_steps=2",
@@ -74,8 +74,11 @@ def test_train_stage_learns_exports_and_is_a_no_op_when_done(ray_local, tokens, 
         "--train.eval_batches=2",
     ]
     cfg = load_config(None, overrides)
-    summary = run_train(cfg)
+    return cfg, run_train(cfg), tokens
 
+
+def test_train_stage_learns_and_exports_the_trained_weights(trained):
+    cfg, summary, tokens = trained
     out = Path(cfg.train.output)
     assert summary["output"] == str(out) and summary["steps"] == 12
     assert math.isfinite(summary["loss"]) and math.isfinite(summary["val_loss"])
@@ -90,10 +93,11 @@ def test_train_stage_learns_exports_and_is_a_no_op_when_done(ray_local, tokens, 
     assert read_manifest(out)["stats"]["steps"] == 12
     assert not Path(f"{out}.ray").exists()  # the resumable run moved into the output
 
-    # The exported model reproduces the trained engine's logits on a validation row.
+    # The exported model (ZeRO-3: gathered from both ranks' shards) reproduces the trained
+    # engine's logits on a validation row.
     model = load_model(out / "model")
     assert model.config.vocab_size == tokens.vocab_size and model.config.block_size == SEQ_LEN
-    assert model.eos_token_id == tokens.eos_token_id
+    assert model.eos_token_id == tokens.eos_token_id and model.meta["trained_steps"] == 12
     checkpoint = Path(summary["checkpoint"])
     assert (checkpoint / "deepspeed" / "latest").exists()
     probe = load_file(str(checkpoint / "export_probe.safetensors"))
@@ -105,40 +109,18 @@ def test_train_stage_learns_exports_and_is_a_no_op_when_done(ray_local, tokens, 
     assert run_train(cfg)["steps"] == 12  # same config: the finished output is returned, nothing runs
 
 
-def test_zero3_run_resumes_from_its_checkpoint(ray_local, tokens, tmp_path):
-    def fit(max_steps: int):
-        cfg = TrainConfig(
-            data=str(tokens.path),
-            output=str(tmp_path / "out"),
-            model=ModelConfig(preset="debug"),
-            num_workers=2,
-            zero_stage=3,
-            micro_batch_size=4,
-            max_steps=max_steps,
-            log_interval_steps=2,
-            eval_interval_steps=4,
-            checkpoint_interval_steps=4,
-            eval_batches=1,
-            tensorboard=False,
-        )
-        return build_trainer(cfg, run_name="resume", storage_path=str(tmp_path / "ray")).fit()
+def test_a_run_resumes_from_its_latest_checkpoint(trained):
+    """Fitting again with the same storage and name continues from step 12 instead of starting over."""
+    cfg, _, _ = trained
+    more = cfg.train.model_copy(update={"max_steps": 16, "eval_interval_steps": 4, "checkpoint_interval_steps": 4})
+    storage = Path(cfg.train.output) / "ray"
+    result = build_trainer(more, run_name=cfg.run.name, storage_path=str(storage), seed=cfg.run.seed).fit()
 
-    first = fit(4)
-    assert first.metrics["step"] == 4 and first.metrics["start_step"] == 0
-    assert first.checkpoint is not None
-    second = fit(8)
-    assert second.metrics["step"] == 8
-    assert second.metrics["start_step"] == 4  # continued from the first run's checkpoint, not from scratch
+    assert result.metrics["start_step"] == 12 and result.metrics["step"] == 16
     for key in ("loss", "val_loss", "val_ppl", "lr", "tokens_per_s"):
-        assert math.isfinite(second.metrics[key])
-
-    # ZeRO-3 export: parameters gathered from both ranks' shards give the engine's logits.
-    with second.checkpoint.as_directory() as d:
-        model = load_model(Path(d) / "model")
-        probe = load_file(str(Path(d) / "export_probe.safetensors"))
+        assert math.isfinite(result.metrics[key])
+    with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
-    with torch.no_grad():
-        logits, _ = model.model(probe["input_ids"])
-    torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
-    assert model.meta["trained_steps"] == 8
-    assert [h["step"] for h in state["history"] if "loss" in h] == [2, 4, 6, 8]  # one history across both runs
+        assert load_model(Path(d) / "model").meta["trained_steps"] == 16
+    # one metrics history across both runs
+    assert [h["step"] for h in state["history"] if "loss" in h] == [2, 4, 6, 8, 10, 12, 14, 16]

@@ -122,9 +122,13 @@ def student_model_config(dc: DistillConfig, teacher: GPTConfig) -> GPTConfig:
 def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
     meta = read_token_meta(dc.data)
     if teacher.vocab_size < meta.vocab_size:
-        raise InputError(f"{dc.teacher}: teacher vocab_size {teacher.vocab_size} < the token data's {meta.vocab_size} ({dc.data})")
+        raise InputError(
+            f"{dc.teacher}: teacher vocab_size {teacher.vocab_size} < the token data's {meta.vocab_size} ({dc.data})"
+        )
     if teacher.block_size < meta.seq_len:
-        raise InputError(f"{dc.teacher}: teacher block_size {teacher.block_size} < the token data's seq_len {meta.seq_len}")
+        raise InputError(
+            f"{dc.teacher}: teacher block_size {teacher.block_size} < the token data's seq_len {meta.seq_len}"
+        )
 
 
 def run_distill(cfg) -> dict:
@@ -161,12 +165,7 @@ def run_distill(cfg) -> dict:
             section="distill",
         )
         title = f"{run_name}: student {dc.student.preset} from teacher {teacher.n_layer}x{teacher.d_model}"
-        summary = fit_to_output(trainer, out, storage=storage, run_name=run_name, title=title)
-        teacher_params = int(teacher_meta.get("num_params") or 0)
-        summary.update(
-            teacher=dc.teacher,
-            teacher_params=teacher_params,
-            param_ratio=round(summary["num_params"] / teacher_params, 4) if teacher_params else None,
-        )
+        extra = {"teacher": dc.teacher, "teacher_params": teacher_meta.get("num_params")}
+        summary = fit_to_output(trainer, out, storage=storage, run_name=run_name, title=title, extra=extra)
         out.stats = summary
     return summary

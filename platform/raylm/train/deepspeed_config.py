@@ -65,5 +65,7 @@ def deepspeed_config(cfg: TrainConfig, data_parallel_size: int, section: str = "
     }
     if cfg.precision == "fp16":
         # Dynamic loss scaling from 2^16, halving on overflow.
-        config["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+        config["fp16"].update(
+            loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1
+        )
     return config

@@ -242,7 +242,9 @@ def _train_batches(shard, cfg: TrainConfig, seed: int, device: torch.device) -> 
             count += 1
             yield batch["tokens"]
         if count == 0:
-            raise InputError(f"{cfg.data}/train: fewer than micro_batch_size={cfg.micro_batch_size} sequences per worker")
+            raise InputError(
+                f"{cfg.data}/train: fewer than micro_batch_size={cfg.micro_batch_size} sequences per worker"
+            )
         epoch += 1
 
 
@@ -392,4 +394,5 @@ def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: P
             param.copy_(full[name])
     extra = {"trained_steps": step, "run_name": spec.run_name, **spec.export_extra}
     save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=extra)
-    save_file({"input_ids": probe.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}, str(directory / PROBE_FILE))
+    probe_tensors = {"input_ids": probe.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}
+    save_file(probe_tensors, str(directory / PROBE_FILE))

@@ -168,8 +168,13 @@ def export_check(model_dir: Path, probe: dict) -> float:
     return float((logits - probe["logits"]).abs().max())
 
 
-def fit_to_output(trainer, out: StageOutput, *, storage: Path, run_name: str, title: str) -> dict:
-    """Fit, then fill `out.tmp` with the model, metrics and loss curve; move the Ray storage in. Returns the summary."""
+def fit_to_output(
+    trainer, out: StageOutput, *, storage: Path, run_name: str, title: str, extra: dict | None = None
+) -> dict:
+    """Fit, then fill `out.tmp` with the model, metrics and loss curve; move the Ray storage in.
+
+    Returns the summary (final figures and output paths, plus `extra`), also written to metrics.json.
+    """
     from safetensors.torch import load_file
 
     started = time.time()
@@ -199,9 +204,12 @@ def fit_to_output(trainer, out: StageOutput, *, storage: Path, run_name: str, ti
         "seconds": round(seconds, 1),
         "num_params": model_meta["num_params"],
         "export_max_abs_diff": export_check(out.tmp / MODEL_DIR, probe),
+        "resumed_from_step": final.get("start_step", 0),
+        **(extra or {}),
     }
     history = state["history"]
-    (out.tmp / "metrics.json").write_text(json.dumps({"summary": summary, "final": final, "history": history}, indent=2))
+    metrics = {"summary": summary, "final": final, "history": history}
+    (out.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_loss_curve(history, out.tmp / "loss_curve.png", title)
     # The run is finished: its checkpoints move into the output; the resumable copy beside it goes.
     shutil.move(str(storage / run_name), str(out.tmp / RAY_DIR / run_name))
