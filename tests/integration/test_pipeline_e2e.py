@@ -1,0 +1,56 @@
+"""The whole pipeline, as a user runs it: `raylm demo` from raw shards to an HTTP completion."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+STAGES = ("prepare", "tokenize", "train", "tune", "distill", "quantize", "evaluate")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_serves_a_completion(repo_root, tmp_path):
+    workdir = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "raylm.cli", "demo", "--config", "configs/smoke.yaml",
+           f"--run.workdir={workdir}", f"--serve.port={free_port()}"]
+    r = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+
+    # Every stage left a finished output with its manifest and resolved config.
+    for stage in STAGES:
+        out = workdir / ("prepared" if stage == "prepare" else "tokens" if stage == "tokenize" else stage)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["stage"] == stage and manifest["config"]
+    for model in ("train/model", "distill/model", "quantize/model"):
+        assert (workdir / model / "model.safetensors").is_file()
+
+    # The last lines a user sees: the evaluation table with all three models, then the HTTP completion.
+    tail = r.stdout.strip().splitlines()[-12:]
+    text = "\n".join(tail)
+    for name in ("smoke ", "smoke-student", "smoke-int8"):
+        assert name in text, text
+    completion = next(line for line in tail if line.startswith("completion: "))
+    assert len(completion) > len("completion: 'ROMEO. '")  # the model generated something
+    assert tail[-1].startswith("demo finished in")
+
+    results = json.loads((workdir / "evaluate" / "results.json").read_text())
+    rows = results["models"] if isinstance(results, dict) and "models" in results else results
+    assert len(rows) == 3
+
+    # Running a stage again with the same config is a no-op.
+    again = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "prepare", "--config", "configs/smoke.yaml", f"--run.workdir={workdir}"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout[again.stdout.index("{"):])["reused"] is True
