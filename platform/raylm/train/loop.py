@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
@@ -114,6 +115,8 @@ def train_loop_per_worker(config: dict) -> None:
         # Must precede the first `import deepspeed` in this process: DeepSpeed picks its accelerator on import.
         os.environ["DS_ACCELERATOR"] = "cpu"
         torch.set_num_threads(cfg.threads_per_worker)
+    # DeepSpeed's ZeRO collectives call torch APIs that warn of their deprecation on every rank, every run.
+    warnings.filterwarnings("ignore", message=r".*`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import ray.train
     import ray.train.torch
 
