@@ -62,17 +62,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
 
 
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_int8_logits_close_to_float(float_model, idx, lm_head):
-    a, b = logits(float_model, idx), logits(quantize_gpt(float_model, lm_head=lm_head), idx)
+@pytest.mark.parametrize("tied_embedding", ["float32", "int8"])
+def test_int8_logits_close_to_float(float_model, idx, tied_embedding):
+    a, b = logits(float_model, idx), logits(quantize_gpt(float_model, tied_embedding), idx)
     # int8 weights alone give ~2% here; activations quantized per batch (7-bit on x86) add the rest.
     assert relative_error(a, b) < 0.1
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.parametrize("lm_head", [False, True])
-def test_saved_artifact_is_int8_and_reloads_identically(float_model, tokenizer_file, idx, tmp_path, lm_head):
-    qmodel = quantize_gpt(float_model, lm_head=lm_head)
+@pytest.mark.parametrize("tied_embedding", ["float32", "int8"])
+def test_saved_artifact_is_int8_and_reloads_identically(float_model, tokenizer_file, idx, tmp_path, tied_embedding):
+    qmodel = quantize_gpt(float_model, tied_embedding)
     d = save_quantized(tmp_path / "int8", qmodel, tokenizer_file)
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     meta = json.loads((d / "config.json").read_text())
@@ -80,12 +80,15 @@ def test_saved_artifact_is_int8_and_reloads_identically(float_model, tokenizer_f
     with safe_open(str(d / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     linears = [n for n, m in float_model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
-    for name in linears + (["lm_head"] if lm_head else []):
+    for name in linears:
         assert dtypes[f"{name}.weight_int8"] == "I8"
         assert dtypes[f"{name}.weight_scale"] == "F32"
         assert f"{name}.weight" not in dtypes
-    assert dtypes["wte.weight"] == "F32"
-    assert ("lm_head.weight_int8" in dtypes) == lm_head
+    if tied_embedding == "int8":
+        assert dtypes["wte.weight_int8"] == "I8" and "wte.weight" not in dtypes
+    else:
+        assert dtypes["wte.weight"] == "F32"
+    assert not any(k.startswith("lm_head") for k in dtypes)  # tied: the embedding table is stored once
 
     loaded = load_model(d)
     assert torch.equal(logits(loaded.model, idx), logits(qmodel, idx))
@@ -97,10 +100,14 @@ def test_saved_artifact_is_int8_and_reloads_identically(float_model, tokenizer_f
 
 
 def test_int8_file_is_much_smaller(float_model, tokenizer_file, tmp_path):
-    fp = save_model(tmp_path / "fp32", float_model, tokenizer_file)
-    q8 = save_quantized(tmp_path / "int8", quantize_gpt(float_model), tokenizer_file)
-    ratio = (q8 / "model.safetensors").stat().st_size / (fp / "model.safetensors").stat().st_size
-    assert ratio < 0.4  # the debug model is mostly Linear weights: 4 bytes -> 1 byte (+ scales)
+    def size(d):
+        return (d / "model.safetensors").stat().st_size
+
+    fp = size(save_model(tmp_path / "fp32", float_model, tokenizer_file))
+    float_emb = size(save_quantized(tmp_path / "a", quantize_gpt(float_model, "float32"), tokenizer_file))
+    int8_emb = size(save_quantized(tmp_path / "b", quantize_gpt(float_model, "int8"), tokenizer_file))
+    assert float_emb < 0.4 * fp  # the debug model is mostly Linear weights: 4 bytes -> 1 byte (+ scales)
+    assert int8_emb < float_emb
 
 
 def config(tmp_path, source, *extra):

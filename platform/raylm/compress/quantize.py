@@ -1,6 +1,6 @@
 """The quantize stage: an exported model -> the same model with int8 Linear weights, exported again.
 
-    raylm quantize --config configs/demo.yaml [--quantize.lm_head=true]
+    raylm quantize --config configs/demo.yaml [--quantize.tied_embedding=float32]
 
 Reads `quantize.input` (an exported raylm-gpt directory, the train stage's output/model by
 default) and writes `quantize.output/model` in the int8 format of `raylm.model.quantized`,
@@ -59,14 +59,14 @@ def run_quantize(cfg: RaylmConfig) -> dict:
     check_source(qcfg.input)
     with stage_output(qcfg.output, "quantize", qcfg, inputs=[qcfg.input], overwrite=cfg.run.overwrite) as out:
         if not out.done:
-            out.stats = _quantize(qcfg.input, out.tmp / "model", lm_head=qcfg.lm_head, seed=cfg.run.seed)
+            out.stats = _quantize(qcfg.input, out.tmp / "model", tied_embedding=qcfg.tied_embedding, seed=cfg.run.seed)
     stats = out.manifest.get("stats") or out.stats
     return {"output": str(out.path), "model": str(out.path / "model"), **stats}
 
 
-def _quantize(source: str | os.PathLike, target: Path, *, lm_head: bool, seed: int) -> dict:
+def _quantize(source: str | os.PathLike, target: Path, *, tied_embedding: str, seed: int) -> dict:
     loaded = load_model(source)
-    qmodel = quantize_gpt(loaded.model, lm_head=lm_head)
+    qmodel = quantize_gpt(loaded.model, tied_embedding=tied_embedding)
     save_quantized(target, qmodel, loaded.path / TOKENIZER, source_meta={**loaded.meta, "source": str(source)})
     reloaded = load_model(target).model
     c = loaded.config
@@ -76,7 +76,7 @@ def _quantize(source: str | os.PathLike, target: Path, *, lm_head: bool, seed: i
     after = (target / WEIGHTS).stat().st_size
     return {
         "method": "int8_dynamic",
-        "lm_head_quantized": lm_head,
+        "tied_embedding": tied_embedding,
         "quantized_modules": len(qmodel.quantized_modules),
         "num_params": count_parameters(qmodel),
         "size_bytes_before": before,
