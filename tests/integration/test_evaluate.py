@@ -103,6 +103,9 @@ def test_evaluate_writes_a_row_per_model(ray_local, workspace):
     table = (root / "evaluate" / "table.txt").read_text()
     assert all(name in table for name in models) and "tokens/s" in table
     assert summary["output"] == str(root / "evaluate")
+    assert summary["models"]["base-int8"]["ppl"] == rows["base-int8"]["ppl"]
+    again = run_evaluate(config(root, tokens, models))  # same config and inputs: read back, nothing recomputed
+    assert again["models"] == summary["models"]
 
 
 def test_missing_model_is_an_input_error_naming_the_path(ray_local, workspace):

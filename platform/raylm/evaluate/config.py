@@ -24,9 +24,10 @@ class EvaluateConfig(ConfigSection):
     """Tokens generated (greedy, KV cache, batch 1) when measuring tokens/s."""
     speed_repeats: int = Field(3, ge=1)
     """Timed generations per model after one warm-up; the median is reported."""
-    num_threads: int = Field(2, ge=1)
+    num_threads: int = Field(1, ge=1)
     """CPU threads of every model (torch.set_num_threads), the same for all so speeds compare;
-    also the CPUs each model's Ray task reserves."""
+    also the CPUs each model's Ray task reserves. One thread gives the steadiest batch-1 timings
+    of small models on a shared machine; raise it for big models."""
     device: Literal["cpu", "cuda"] = "cpu"
     """Where float models run. int8 models always run on the CPU (their kernels are CPU-only);
     their row says so, and their speed then does not compare with the GPU rows."""

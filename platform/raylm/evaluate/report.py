@@ -182,16 +182,23 @@ def run_evaluate(cfg: RaylmConfig) -> dict:
     with stage_output(ecfg.output, "evaluate", ecfg, inputs=inputs, overwrite=cfg.run.overwrite) as out:
         if out.done:
             console.print((out.path / TABLE).read_text().rstrip(), markup=False, highlight=False)
-            return {"output": str(out.path), **out.manifest.get("stats", {})}
+            return _summary(out.path, out.manifest.get("stats", {}))
         rows = add_relative([_run_task(name, path, ecfg, console) for name, path in ecfg.models.items()])
         caption = _caption(ecfg, rows)
         table = results_table(rows)
         write_json_atomic(out.tmp / RESULTS, {"data": ecfg.data, "split": "validation", "note": caption, "models": rows})
         (out.tmp / TABLE).write_text(table_text(table, caption))
-        out.stats = {r["name"]: {"ppl": r["ppl"], "tokens_per_s": r["tokens_per_s"], "size_bytes": r["size_bytes"]} for r in rows}
-    console.print(table)
-    console.print(caption, highlight=False)
-    return {"output": str(out.path), "results": str(out.path / RESULTS), "table": str(out.path / TABLE), **out.stats}
+        out.stats = {
+            "models": {r["name"]: {k: r[k] for k in ("ppl", "val_loss", "tokens_per_s", "size_bytes")} for r in rows}
+        }
+    wide = Console(width=max(console.width, 120))  # a narrow terminal would squeeze the columns into stubs
+    wide.print(table)
+    wide.print(caption, highlight=False)
+    return _summary(out.path, out.stats)
+
+
+def _summary(path: Path, stats: dict) -> dict:
+    return {"output": str(path), "results": str(path / RESULTS), "table": str(path / TABLE), **stats}
 
 
 def _run_task(name: str, path: str, ecfg: EvaluateConfig, console: Console) -> dict:
