@@ -94,9 +94,14 @@ def _load(args: argparse.Namespace, overrides: list[str]):
 def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str]) -> int:
     from raylm.runtime import init_ray
 
+    import ray
+
     cfg = _load(args, overrides)
     init_ray(args.address or cfg.ray.address, cfg.ray.num_cpus)
-    summary = stage_function(stage)(cfg)
+    try:
+        summary = stage_function(stage)(cfg)
+    finally:
+        ray.shutdown()  # disconnect cleanly: no cleanup-actor tracebacks after the summary
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +30,8 @@ def ray_head():
     port, dash = free_port(), free_port()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # The cluster's `python` is this environment's, as on a node where the user activated it.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={temp_dir}", "--include-dashboard=true"],
@@ -39,6 +42,8 @@ def ray_head():
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (401 where Ray's token authentication is on): up
             break
         except OSError:
             time.sleep(1)
@@ -69,8 +74,12 @@ def test_submit_prepare_runs_on_the_cluster(ray_head, repo_root, tmp_path):
     assert list((workdir / "prepared" / "train").glob("*.parquet"))
 
     # The job shows in the cluster's own job list, as a user would check with `ray job list`.
-    jobs = json.loads(urllib.request.urlopen(f"{ray_head}/api/jobs/").read())
-    assert any(j.get("status") == "SUCCEEDED" and "jobs/prepare.py" in j.get("entrypoint", "") for j in jobs)
+    from ray.job_submission import JobSubmissionClient
+
+    from raylm.cluster.submit import _auth_headers
+
+    jobs = JobSubmissionClient(ray_head, headers=_auth_headers()).list_jobs()
+    assert any(str(j.status.value) == "SUCCEEDED" and "jobs/prepare.py" in j.entrypoint for j in jobs)
 
 
 def test_submit_failing_stage_exits_nonzero(ray_head, repo_root, tmp_path):

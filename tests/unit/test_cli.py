@@ -51,3 +51,12 @@ def test_submit_to_unreachable_cluster(python, repo_root):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raylm submit: error: cannot reach the Ray Jobs API at http://127.0.0.1:1")
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_every_stage_has_a_runnable_job_entrypoint(python, repo_root, stage):
+    from raylm.cluster.submit import job_script
+
+    r = subprocess.run([python, job_script(stage), "--help"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"usage: raylm {stage}" in r.stdout

@@ -21,6 +21,11 @@ EXCLUDES = [".venv", "venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".p
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def job_script(stage: str) -> str:
+    """The entrypoint under jobs/ for a stage (tokenize's avoids shadowing the standard `tokenize` module)."""
+    return "jobs/tokenize_job.py" if stage == "tokenize" else f"jobs/{stage}.py"
+
+
 def project_root() -> Path:
     """The checkout holding jobs/: the current directory if it has one, else the one raylm was installed from."""
     cwd = Path.cwd()
@@ -42,6 +47,17 @@ def _job_overrides(config: str, overrides: list[str]) -> list[str]:
     return [*overrides, f"--run.workdir={os.path.abspath(workdir)}"]
 
 
+def _auth_headers() -> dict[str, str]:
+    """Bearer header for clusters with Ray's token authentication: RAY_AUTH_TOKEN, else ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
@@ -49,7 +65,7 @@ def _client(address: str | None):
     if not address:
         raise ConfigError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     try:
-        return JobSubmissionClient(address), address
+        return JobSubmissionClient(address, headers=_auth_headers()), address
     except Exception as e:  # the SDK raises ConnectionError, RuntimeError or ValueError by cause
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RaylmError(f"cannot reach the Ray Jobs API at {address}: {first}") from None
@@ -66,7 +82,7 @@ def submit_stage(stage: str, config: str, overrides: list[str], address: str | N
     except ValueError:
         raise ConfigError(f"{config}: the config must live inside the submitted directory {root}") from None
     client, address = _client(address)
-    args = " ".join(shlex.quote(a) for a in [f"jobs/{stage}.py", "--config", str(config_rel), *_job_overrides(config, overrides)])
+    args = " ".join(shlex.quote(a) for a in [job_script(stage), "--config", str(config_rel), *_job_overrides(config, overrides)])
     runtime_env = {
         "working_dir": str(root),
         "py_modules": [str(Path(raylm.__file__).parent)],
