@@ -88,7 +88,7 @@ def submit_stage(stage: str, config: str, overrides: list[str], address: str | N
         "py_modules": [str(Path(raylm.__file__).parent)],
         "excludes": EXCLUDES,
     }
-    job_id = client.submit_job(entrypoint=f"python {args}", runtime_env=runtime_env)
+    job_id = _submit_with_retry(client, f"python {args}", runtime_env, address)
     print(f"submitted raylm {stage} as Ray job {job_id} to {address}", flush=True)
     if not wait:
         return 0
@@ -96,6 +96,20 @@ def submit_stage(stage: str, config: str, overrides: list[str], address: str | N
     status = _final_status(client, job_id)
     print(f"Ray job {job_id}: {status}", flush=True)
     return 0 if status == "SUCCEEDED" else 1
+
+
+def _submit_with_retry(client, entrypoint: str, runtime_env: dict, address: str, timeout_s: float = 60.0) -> str:
+    """Submit, retrying while a just-started cluster has no job agent yet (HTTP 500 "No available agent")."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "No available agent" in str(e) and time.time() < deadline:
+                time.sleep(2)
+                continue
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RaylmError(f"the Ray Jobs API at {address} refused the job: {first}") from None
 
 
 async def _follow(client, job_id: str) -> None:
