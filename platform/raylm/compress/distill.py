@@ -26,7 +26,7 @@ from raylm.artifacts import stage_output
 from raylm.compress.config import DistillConfig
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import load_model, read_model_meta
-from raylm.model.gpt import GPTConfig, build_config
+from raylm.model.gpt import GPTConfig
 from raylm.tokenize.shards import read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer, fit_to_output, ray_storage, stage_config
@@ -104,17 +104,8 @@ def student_train_config(dc: DistillConfig) -> TrainConfig:
 
 def student_model_config(dc: DistillConfig, teacher: GPTConfig) -> GPTConfig:
     """The student's GPTConfig: its own size preset, the teacher's vocabulary and block size."""
-    s = dc.student
     try:
-        return build_config(
-            s.preset,
-            n_layer=s.n_layer,
-            n_head=s.n_head,
-            d_model=s.d_model,
-            dropout=s.dropout,
-            vocab_size=teacher.vocab_size,
-            block_size=teacher.block_size,
-        )
+        return dc.student.gpt_config(vocab_size=teacher.vocab_size, block_size=teacher.block_size)
     except ValueError as e:
         raise ConfigError(f"distill.student: {e}") from None
 

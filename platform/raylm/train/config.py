@@ -26,6 +26,20 @@ class ModelConfig(ConfigSection):
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         return self
 
+    def gpt_config(self, vocab_size: int, block_size: int):
+        """The GPTConfig of this preset and its overrides, for a vocabulary and context; ValueError if inconsistent."""
+        from raylm.model.gpt import build_config
+
+        return build_config(
+            self.preset,
+            n_layer=self.n_layer,
+            n_head=self.n_head,
+            d_model=self.d_model,
+            dropout=self.dropout,
+            vocab_size=vocab_size,
+            block_size=block_size,
+        )
+
 
 class OptimizerConfig(ConfigSection):
     lr: float = Field(1e-3, gt=0.0)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from raylm.artifacts import StageOutput, stage_output
 from raylm.errors import ConfigError, InputError
-from raylm.model.gpt import GPTConfig, build_config
+from raylm.model.gpt import GPTConfig
 from raylm.tokenize.shards import TokenMeta, read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.deepspeed_config import deepspeed_config
@@ -37,17 +37,8 @@ RAY_DIR = "ray"
 
 def model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "train") -> GPTConfig:
     """The GPTConfig of `train_cfg.model`, sized to the token data's vocabulary and sequence length."""
-    m = train_cfg.model
     try:
-        return build_config(
-            m.preset,
-            n_layer=m.n_layer,
-            n_head=m.n_head,
-            d_model=m.d_model,
-            dropout=m.dropout,
-            vocab_size=meta.vocab_size,
-            block_size=meta.seq_len,
-        )
+        return train_cfg.model.gpt_config(vocab_size=meta.vocab_size, block_size=meta.seq_len)
     except ValueError as e:
         raise ConfigError(f"{section}.model: {e}") from None
 
