@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from raylm.errors import RaylmError
 
@@ -20,6 +21,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -29,3 +31,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     # address="local": always a new local instance, never a stray `ray start` cluster found in /tmp/ray.
     ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds on a host:port where nothing listens; ray.init would retry for minutes."""
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form only Ray understands
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RaylmError(f"cannot connect to Ray cluster at {address}: {e.strerror or e}") from None

@@ -60,3 +60,11 @@ def test_every_stage_has_a_runnable_job_entrypoint(python, repo_root, stage):
     r = subprocess.run([python, job_script(stage), "--help"], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"usage: raylm {stage}" in r.stdout
+
+
+def test_stage_with_unreachable_cluster_address(python, repo_root):
+    r = raylm(python, repo_root, "prepare", "--config", "configs/demo.yaml", "--address", "127.0.0.1:1")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        "raylm prepare: error: cannot connect to Ray cluster at 127.0.0.1:1: Connection refused"
+    ]
