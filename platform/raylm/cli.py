@@ -97,11 +97,13 @@ def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str]) -> in
     import ray
 
     cfg = _load(args, overrides)
+    connected_here = not ray.is_initialized()
     init_ray(args.address or cfg.ray.address, cfg.ray.num_cpus)
     try:
         summary = stage_function(stage)(cfg)
     finally:
-        ray.shutdown()  # disconnect cleanly: no cleanup-actor tracebacks after the summary
+        if connected_here:
+            ray.shutdown()  # disconnect cleanly: no cleanup-actor tracebacks after the summary
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
