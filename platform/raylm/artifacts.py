@@ -98,13 +98,15 @@ def stage_output(
     config: BaseModel | dict,
     inputs: list[str] = (),
     overwrite: bool = False,
+    input_prints: dict[str, str] | None = None,
 ) -> Iterator[StageOutput]:
     """Write a stage's output atomically; skip the work when a finished output has the same fingerprint.
 
-    An existing output from a different config is an error unless `overwrite`.
+    `input_prints` replaces the fingerprints of `inputs` for inputs that are not local files
+    (object-store listings). An existing output from a different config is an error unless `overwrite`.
     """
     final = Path(path)
-    prints = fingerprint_inputs(list(inputs))
+    prints = input_prints if input_prints is not None else fingerprint_inputs(list(inputs))
     fp = fingerprint(stage, config, prints)
     existing = read_manifest(final)
     if existing is not None and existing.get("fingerprint") == fp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Callable
@@ -123,7 +124,18 @@ def _run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     return run_demo(cfg, address=args.address, keep_serving=args.keep_serving)
 
 
+def _log_to_stderr() -> None:
+    """Show raylm's own progress lines (INFO) on stderr; Ray's loggers keep their own settings."""
+    log = logging.getLogger("raylm")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _log_to_stderr()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]

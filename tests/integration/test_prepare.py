@@ -65,14 +65,26 @@ def _write_shards(root: Path, rows: list[dict], names: list[str]) -> Path:
     return root
 
 
+_OTHER_FILTERS = ("mean_word_length", "symbol_ratio", "alpha_words", "stop_words", "repetition", "ellipsis_lines",
+                  "bullet_lines")  # fmt: skip
+
+
+def _removed_by_filter(stats: dict) -> dict[str, int]:
+    return {r: v["documents"] for r, v in stats["filter"]["removed"].items() if v["documents"]}
+
+
 def _cfg(input_path, workdir, *extra: str):
     return load_config(
         None,
         [
             f"prepare.input={input_path}",
             f"run.workdir={workdir}",
-            "prepare.min_chars=20",
-            "prepare.min_words=4",
+            "prepare.filters.length.min_chars=20",
+            "prepare.filters.word_count.min_words=4",
+            # The synthetic documents repeat a 16-word vocabulary: only the length filters and exact
+            # dedup are under test here (test_prepare_dedup.py covers fuzzy dedup on real text).
+            *(f"prepare.filters.{name}.enabled=false" for name in _OTHER_FILTERS),
+            "prepare.dedup.fuzzy.enabled=false",
             f"prepare.validation_fraction={VALIDATION_FRACTION}",
             *extra,
         ],
@@ -100,14 +112,11 @@ def test_prepare_filters_dedups_and_splits(three_shards):
     assert result["output"] == cfg.prepare.output and not result["reused"]
     assert stats["input_files"] == 3
     assert stats["read"]["documents"] == 48
-    assert {r: v["documents"] for r, v in stats["filter"]["removed"].items()} == {
-        "empty": 1,
-        "too_short": 1,
-        "too_few_words": 1,
-    }
+    assert _removed_by_filter(stats) == {"empty": 1, "length": 1, "word_count": 1}
     assert stats["filter"]["documents"] == 45
     assert stats["dedup_exact"]["removed"]["documents"] == 4
-    assert stats["dedup_exact"]["duplicate_groups"] == 4
+    assert stats["dedup_exact"]["clusters"] == 4
+    assert stats["dedup_exact"]["cluster_sizes"] == {"2": 4}
     assert stats["dedup_exact"]["documents"] == len(EXPECTED_KEPT) == 41
 
     out = _output(cfg.prepare.output)
@@ -170,7 +179,7 @@ def _assert_nothing_written(cfg) -> None:
 def test_malformed_json_line_names_file_and_line(ray_local, tmp_path):
     corpus = _write_shards(tmp_path / "raw", _records()[:4], ["good.parquet"])
     (corpus / "bad.jsonl").write_text('{"text": "fine, fine, fine, fine, fine"}\n{"text": "oops\n')
-    cfg = _cfg(corpus, tmp_path / "run")
+    cfg = _cfg(corpus, tmp_path / "run", "prepare.on_error=fail")
     with pytest.raises(InputError) as err:
         run_prepare(cfg)
     message = str(err.value)
@@ -182,7 +191,7 @@ def test_missing_text_field_names_file_and_line(ray_local, tmp_path):
     corpus = tmp_path / "raw"
     corpus.mkdir()
     _write_jsonl(corpus / "x.jsonl.gz", [{"text": "a b c d e f g h i j k"}, {"body": "no text here"}])
-    cfg = _cfg(corpus, tmp_path / "run")
+    cfg = _cfg(corpus, tmp_path / "run", "prepare.on_error=fail")
     with pytest.raises(InputError, match=r"x\.jsonl\.gz:2: record has no text field 'text'") as err:
         run_prepare(cfg)
     assert "\n" not in str(err.value)
@@ -221,6 +230,65 @@ def test_demo_corpus(ray_local, tmp_path, repo_root):
 def test_nothing_left_after_filtering_is_an_error(ray_local, tmp_path):
     corpus = _write_shards(tmp_path / "raw", [{"text": "too short"}, {"text": ""}], ["tiny.jsonl"])
     cfg = _cfg(corpus, tmp_path / "run")
-    with pytest.raises(InputError, match=r"no document passes the filters \(prepare.min_chars=20"):
+    with pytest.raises(InputError, match=r"no document passes the filters \(see prepare.filters"):
         run_prepare(cfg)
+    _assert_nothing_written(cfg)
+
+
+def _read_quarantine(output) -> list[dict]:
+    rows = []
+    for path in sorted((Path(output) / "quarantine").glob("*.jsonl")):
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows
+
+
+def test_bad_records_are_quarantined_and_good_neighbours_kept(ray_local, tmp_path):
+    """Every kind of bad input in one corpus: the run finishes, keeps every good record, and lists the bad ones."""
+    good = [{"id": f"g{i:02d}", "text": _doc(i)} for i in range(12)]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [json.dumps(r) for r in good[:3]]
+    (raw / "mixed.jsonl").write_bytes(
+        "\n".join([lines[0], '{"id": "bad", "text": "unterminated', lines[1], '{"id": "nt", "body": "no text"}',
+                   '["not", "an", "object"]']).encode()  # fmt: skip
+        + b'\n{"id": "u8", "text": "caf\xff latin-1"}\n'
+        + (lines[2] + "\n").encode()
+    )
+    (raw / "empty.jsonl").write_bytes(b"")
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in good[3:9]).encode())
+    (raw / "cut.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])  # a copy that stopped midway
+    (raw / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    (raw / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")  # a dangling link: unreadable
+    _write_jsonl(raw / "fine.jsonl", good[9:])
+    cfg = _cfg(raw, tmp_path / "run", "prepare.id_field=id")
+    stats = run_prepare(cfg)["stats"]
+
+    kept = {r["id"] for rows in _output(cfg.prepare.output).values() for r in rows}
+    quarantine = _read_quarantine(cfg.prepare.output)
+    by_kind = {r["error_kind"]: r for r in quarantine}
+    # Everything in the truncated gzip before the damage is kept; every other good record too.
+    survived_cut = {i for i in kept if i in {f"g{k:02d}" for k in range(3, 9)}}
+    assert {"g00", "g01", "g02", "g09", "g10", "g11"} <= kept and len(survived_cut) >= 1
+    assert kept == {"g00", "g01", "g02", "g09", "g10", "g11"} | survived_cut
+    assert set(by_kind) == {"malformed_json", "missing_text", "not_an_object", "invalid_utf8", "empty_file",
+                            "truncated", "unreadable"}  # fmt: skip
+    assert re.fullmatch(r".*mixed\.jsonl:2: malformed JSON.*", by_kind["malformed_json"]["error"])
+    assert re.fullmatch(r".*mixed\.jsonl:4: .*text.*", by_kind["missing_text"]["error"])
+    assert re.fullmatch(r".*mixed\.jsonl:6: .*UTF-8.*", by_kind["invalid_utf8"]["error"])
+    assert "cut.jsonl.gz" in by_kind["truncated"]["error"] and "gone.jsonl" in by_kind["unreadable"]["error"] or \
+        "broken.parquet" in by_kind["unreadable"]["error"]  # fmt: skip
+    assert sum(1 for r in quarantine if r["error_kind"] == "unreadable") == 2  # the link and the broken Parquet
+    assert stats["quarantined"]["documents"] == len(quarantine) == 8
+    assert stats["quarantined"]["by_kind"] == {k: (2 if k == "unreadable" else 1) for k in by_kind}
+    assert "Quarantined records: 8" in (Path(cfg.prepare.output) / "report.md").read_text()
+
+
+def test_on_error_fail_stops_at_the_first_bad_record(ray_local, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "a.jsonl").write_bytes(b'{"id": "ok", "text": "fine fine fine fine fine fine fine"}\n{"id": "x", "text": "\xff"}\n')
+    cfg = _cfg(raw, tmp_path / "run", "prepare.on_error=fail")
+    with pytest.raises(InputError, match=r"a\.jsonl:2: .*UTF-8") as err:
+        run_prepare(cfg)
+    assert "\n" not in str(err.value)
     _assert_nothing_written(cfg)

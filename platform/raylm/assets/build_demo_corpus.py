@@ -9,7 +9,7 @@ package, cuts them into ~3 KB documents at paragraph boundaries (never across an
 book heading), and writes them as six shards in three formats (JSONL, JSONL.gz, Parquet) with
 fields `id` and `text`. A few documents are planted so that `raylm prepare` has something to do:
 exact copies in other shards, copies that differ only in whitespace or Unicode form, and empty or
-too-short records. Everything is seeded, so re-running gives byte-identical shards.
+too-short records, near copies edited by a few words. Everything is seeded, so re-running gives byte-identical shards.
 ATTRIBUTION.md is written beside the shards with what was done.
 """
 
@@ -183,6 +183,70 @@ def whitespace_variant(text: str, rng: random.Random, kind: str) -> str:
     raise ValueError(kind)
 
 
+def edit_words(text: str, rate: float, rng: random.Random) -> str:
+    """A copy of `text` with about `rate` of its words substituted, deleted, or followed by an inserted word.
+
+    Lines are kept, so verse stays verse; inserted and substituted words come from the same text.
+    """
+    vocabulary = text.split()
+    lines = []
+    for line in text.split("\n"):
+        out = []
+        for word in line.split(" "):
+            r = rng.random()
+            if not word or r >= rate:
+                out.append(word)
+            elif r < rate / 3:
+                out.append(rng.choice(vocabulary))
+            elif r < 2 * rate / 3:
+                continue
+            else:
+                out += [word, rng.choice(vocabulary)]
+        lines.append(" ".join(out))
+    return "\n".join(lines)
+
+
+def near_duplicates(docs: list[Doc], shard_of: dict[str, int], rng: random.Random) -> list[tuple[Doc, int]]:
+    """Edited copies for fuzzy dedup: near duplicates it must remove, and one far copy it must keep.
+
+    Their word 5-gram Jaccard similarity to the original is measured with raylm's own shingling
+    and written into ATTRIBUTION.md; the default fuzzy-dedup threshold is 0.8.
+    """
+    from raylm.data.minhash import jaccard, shingle_hashes
+
+    def sim(a: str, b: str) -> float:
+        return jaccard(shingle_hashes(a, "word", 5), shingle_hashes(b, "word", 5))
+
+    def shard_apart(*ids: str) -> int:
+        return rng.choice([i for i in range(len(SHARDS)) if i not in {shard_of[d] for d in ids}])
+
+    picks = rng.sample([d for d in docs if d.text.count("\n\n") >= 5], 5)
+    planted: list[tuple[Doc, int]] = []
+    for doc, rate in zip(picks[:2], (0.01, 0.005)):
+        copy = edit_words(doc.text, rate, rng)
+        why = f"near copy of {doc.id}: {rate:.1%} of words edited (Jaccard {sim(doc.text, copy):.2f})"
+        planted.append((Doc(f"{doc.id}#edited", copy, why, doc.id), shard_apart(doc.id)))
+    doc = picks[2]  # a copy of a copy: the three form one cluster
+    first = edit_words(doc.text, 0.01, rng)
+    second = edit_words(first, 0.01, rng)
+    shard_of[f"{doc.id}#edited"] = shard_apart(doc.id)
+    planted.append((Doc(f"{doc.id}#edited", first, f"near copy of {doc.id} (Jaccard {sim(doc.text, first):.2f})",
+                        doc.id), shard_of[f"{doc.id}#edited"]))  # fmt: skip
+    planted.append((Doc(f"{doc.id}#edited2", second, f"near copy of {doc.id}#edited (Jaccard "
+                        f"{sim(first, second):.2f}; {sim(doc.text, second):.2f} to {doc.id})", doc.id),
+                    shard_apart(doc.id, f"{doc.id}#edited")))  # fmt: skip
+    doc = picks[3]  # an abridged copy: one paragraph left out
+    paras = doc.text.split("\n\n")
+    abridged = "\n\n".join(paras[:2] + paras[3:])
+    why = f"near copy of {doc.id}: its third paragraph left out (Jaccard {sim(doc.text, abridged):.2f})"
+    planted.append((Doc(f"{doc.id}#abridged", abridged, why, doc.id), shard_apart(doc.id)))
+    doc = picks[4]  # far from a duplicate: fuzzy dedup must keep it
+    far = edit_words(doc.text, 0.15, rng)
+    why = f"heavily edited copy of {doc.id}: 15% of words (Jaccard {sim(doc.text, far):.2f}), not a duplicate"
+    planted.append((Doc(f"{doc.id}#rewritten", far, why), shard_apart(doc.id)))
+    return planted
+
+
 def plant(docs: list[Doc], shard_of: dict[str, int], rng: random.Random) -> list[tuple[Doc, int]]:
     """Records to add: exact copies, normalization variants, the NFC/NFD pair, empty and short records."""
     planted: list[tuple[Doc, int]] = []
@@ -314,12 +378,15 @@ def write_attribution(
         "|---|---|---|",
     ]
     lines += [f"| `{d.id}` | {SHARDS[s][0]} | {d.planted} |" for d, s in planted]
-    duplicates = sum(1 for d, _ in planted if d.duplicate_of)
+    near = sum(1 for d, _ in planted if d.duplicate_of and "#edited" in d.id or "#abridged" in d.id)
+    duplicates = sum(1 for d, _ in planted if d.duplicate_of) - near
     junk = sum(1 for d, _ in planted if d.id.startswith("junk/"))
     lines += [
         "",
-        f"With the demo config (`min_chars: 200`, `min_words: 30`) prepare should drop the {junk} junk",
-        f"records and remove {duplicates} duplicates; the rest of the corpus passes both filters.",
+        f"With the demo config (`filters.length.min_chars: 200`, `filters.word_count.min_words: 30`) prepare",
+        f"should drop the {junk} junk records, remove {duplicates} exact duplicates (after cleaning) and",
+        f"{near} near duplicates (word 5-gram Jaccard ≥ 0.8), and keep the heavily edited copy. The Gopher",
+        "quality filters also drop a few genuinely repetitive passages (`raylm prepare` reports them).",
         "",
     ]
     (out / "ATTRIBUTION.md").write_text("\n".join(lines))
@@ -345,6 +412,8 @@ def build(source: Path, out: Path) -> None:
 
     shard_of = assign_shards(docs, rng)
     planted = plant(docs, shard_of, rng)
+    # Its own generator, so that adding them left every earlier planted record where it was.
+    planted += near_duplicates(docs, shard_of, random.Random(SEED + 1))
     per_shard: list[list[Doc]] = [[] for _ in SHARDS]
     for doc in docs:  # within a shard, documents keep corpus order
         per_shard[shard_of[doc.id]].append(doc)

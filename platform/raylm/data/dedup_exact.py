@@ -1,17 +1,31 @@
 """Exact deduplication across all shards: one document per distinct cleaned text.
 
-Documents are grouped by a 128-bit hash of their cleaned text with a Ray Data groupby, which
-hash-partitions the whole dataset, so copies meet wherever they were read from. Of each group
-the document with the smallest id is kept; the outcome depends only on the documents, not on
-how they were sharded or on the number of partitions.
+Every document's cleaned text is hashed (BLAKE2b-128) and the dataset is hash-partitioned on
+that hash (`map_partitions`, one Ray Data shuffle), so copies meet wherever they were read
+from. In each partition the rows are sorted by (hash, id): the first row of each run of equal
+hashes, the smallest id, is kept. The outcome depends only on the documents, not on how they
+were sharded, blocked, or partitioned.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from raylm.data.shuffle import map_partitions
+
+EXACT_SCHEMA = pa.schema(
+    [("id", pa.string()), ("text", pa.string()), ("bytes", pa.int64()), ("hash", pa.string()),
+     ("kept_id", pa.string()), ("copies", pa.int64())]
+)  # fmt: skip
+"""Rows out of `dedup_exact`: every document; `kept_id` is its group's representative, `copies` the group's size.
+A removed document's `text` is emptied (the representative holds it)."""
+
+
+HASHED_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("bytes", pa.int64()), ("hash", pa.string())])
 
 
 def text_hash(text: str) -> str:
@@ -25,23 +39,34 @@ def add_text_hash(batch: pa.Table) -> pa.Table:
     return batch.append_column("hash", pa.array(hashes, pa.string()))
 
 
-def keep_smallest_id(group: pa.Table) -> pa.Table:
-    """Ray Data map_groups function: of one group of identical texts, the row with the smallest id.
-
-    Adds column `copies`, the size of the group (1 for a unique document).
-    """
-    first = pc.sort_indices(group, sort_keys=[("id", "ascending")])[:1]
-    kept = group.take(first)
-    return kept.append_column("copies", pa.array([group.num_rows], pa.int64()))
+def mark_duplicates(part: pa.Table) -> pa.Table:
+    """Of one hash partition (columns id, text, bytes, hash): every row with `kept_id` and `copies` (EXACT_SCHEMA)."""
+    part = part.sort_by([("hash", "ascending"), ("id", "ascending")])
+    hashes = np.asarray(part.column("hash").to_numpy(zero_copy_only=False))
+    n = len(hashes)
+    starts = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]]) if n else np.zeros(0, np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    group_start = np.repeat(starts, sizes)
+    kept = group_start == np.arange(n)
+    ids = part.column("id").combine_chunks()
+    text = pc.if_else(pa.array(kept), part.column("text"), pa.scalar("", pa.string()))
+    return pa.table(
+        {
+            "id": ids,
+            "text": text,
+            "bytes": part.column("bytes"),
+            "hash": part.column("hash"),
+            "kept_id": ids.take(pa.array(group_start, pa.int64())),
+            "copies": pa.array(np.repeat(sizes, sizes), pa.int64()),
+        },
+        schema=EXACT_SCHEMA,
+    )
 
 
 def dedup_exact(ds, num_partitions: int):
-    """The Ray Dataset `ds` (columns `id`, `text`, ...) with one row per distinct `text`, plus `hash` and `copies`.
+    """Every row of `ds` (columns id, text, bytes) marked with its exact-duplicate group: EXACT_SCHEMA.
 
-    A global shuffle on the text hash into `num_partitions` partitions; not per shard.
+    Keep the rows with `id == kept_id`; the others are copies. A global shuffle, not per shard.
     """
-    return (
-        ds.map_batches(add_text_hash, batch_format="pyarrow")
-        .groupby("hash", num_partitions=num_partitions)
-        .map_groups(keep_smallest_id, batch_format="pyarrow")
-    )
+    hashed = ds.select_columns(["id", "text", "bytes"]).map_batches(add_text_hash, batch_format="pyarrow")
+    return map_partitions(hashed, "hash", num_partitions, mark_duplicates, schema=HASHED_SCHEMA)
