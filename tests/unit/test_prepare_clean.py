@@ -7,9 +7,10 @@ import unicodedata
 import pyarrow as pa
 import pytest
 
-from raylm.data.clean import DROP_REASONS, KEPT, clean_batch, clean_text, count_words, drop_reason
-from raylm.data.dedup_exact import add_text_hash, keep_smallest_id, text_hash
-from raylm.data.stats import build_stats, count_by_reason, count_by_split
+from raylm.data.clean import KEPT, clean_batch, clean_text, count_words
+from raylm.data.config import CleanConfig, FiltersConfig
+from raylm.data.dedup_exact import text_hash
+from raylm.data.stats import count_documents, size_histogram, sum_rows
 from raylm.data.split import TRAIN, VALIDATION, add_split, split_of, split_point
 
 
@@ -49,35 +50,64 @@ def test_clean_text_is_idempotent():
     assert clean_text(once) == once
 
 
-@pytest.mark.parametrize(
-    "text, reason",
-    [
-        ("", "empty"),
-        ("short text", "too_short"),
-        ("=" * 50, "too_few_words"),
-        ("one two three four five six seven eight nine ten eleven", KEPT),
-    ],
-)
-def test_drop_reason(text, reason):
-    assert drop_reason(text, min_chars=20, min_words=5) == reason
-
-
 def test_count_words():
     assert count_words("a  b\nc\n\nd") == 4
     assert count_words("") == 0
 
 
-def test_clean_batch_tags_and_measures():
-    batch = pa.table({"id": ["a", "b", "c"], "text": ["  caf\u0065\u0301 au lait, s'il vous plaît  ", "", "x"]})
-    out = clean_batch(batch, min_chars=5, min_words=2)
-    assert out.column_names == ["id", "text", "raw_bytes", "bytes", "reason"]
+@pytest.mark.parametrize(
+    "raw, cleaned",
+    [
+        ("<p>Hello &amp; <b>welcome</b></p><p>Second</p>", "Hello & welcome\n\nSecond"),
+        ("<html><head><style>p {color: red}</style><title>t</title></head><body>Body text</body></html>", "Body text"),
+        ("<div>one<br>two</div><!-- hidden --><script>var x = 1;</script>", "one\ntwo"),
+        ("if a < b and c > d then <3", "if a < b and c > d then <3"),
+        ("Tom &amp; Jerry without tags", "Tom &amp; Jerry without tags"),
+    ],
+)
+def test_markup_is_removed_only_from_texts_with_markup(raw, cleaned):
+    assert clean_text(raw) == cleaned
+    assert clean_text(raw, CleanConfig(strip_html=False)) == clean_text(raw, CleanConfig(strip_html=False))
+
+
+def test_normal_forms():
+    ligature = "ﬁne caf\u0065\u0301"
+    assert clean_text(ligature) == "ﬁne café"
+    assert clean_text(ligature, CleanConfig(unicode_normalization="NFKC")) == "fine café"
+    assert clean_text(ligature, CleanConfig(unicode_normalization="none")) == ligature
+
+
+PERMISSIVE = FiltersConfig(length={"min_chars": 5}, word_count={"min_words": 2}, stop_words={"enabled": False})
+
+
+def test_clean_batch_tags_measures_and_passes_bad_records_through():
+    batch = pa.table(
+        {
+            "id": ["a", "b", "c", "f:3"],
+            "text": ["  caf\u0065\u0301 au lait, mail me at x@example.org  ", "", "x", '{"broken'],
+            "error_kind": [None, None, None, "malformed_json"],
+            "error": [None, None, None, "f:3: malformed JSON"],
+        }
+    )
+    pii = CleanConfig(pii={"enabled": True})
+    out = clean_batch(batch, clean=pii, filters=PERMISSIVE)
+    assert out.column_names == ["id", "text", "raw_bytes", "bytes", "reason", "error_kind", "error",
+                                "pii_email", "pii_ip_address", "pii_phone_number"]  # fmt: skip
     rows = out.to_pylist()
-    assert rows[0]["text"] == "café au lait, s'il vous plaît"
-    assert rows[0]["reason"] == KEPT
+    assert rows[0]["text"] == "café au lait, mail me at <EMAIL>"
+    assert rows[0]["reason"] == KEPT and rows[0]["pii_email"] == 1
     assert rows[0]["raw_bytes"] == len(batch.column("text")[0].as_py().encode())
     assert rows[0]["bytes"] == len(rows[0]["text"].encode())
-    assert [r["reason"] for r in rows[1:]] == ["empty", "too_short"]
+    assert [r["reason"] for r in rows[1:]] == ["empty", "length", "quarantined"]
     assert rows[2]["text"] == ""  # dropped texts are not carried further
+    assert rows[3]["text"] == '{"broken' and rows[3]["error"] == "f:3: malformed JSON"
+
+
+def test_clean_batch_without_error_columns():
+    out = clean_batch(pa.table({"id": ["a"], "text": ["hello there world"]}), clean=CleanConfig(),
+                      filters=PERMISSIVE)  # fmt: skip
+    assert out.column("reason").to_pylist() == [KEPT]
+    assert out.column("error_kind").to_pylist() == [None]
 
 
 def test_text_hash_equal_exactly_for_equal_text():
@@ -85,14 +115,6 @@ def test_text_hash_equal_exactly_for_equal_text():
     assert text_hash("abc") != text_hash("abc ")
     assert len(text_hash("abc")) == 32
     assert text_hash(clean_text("To  be,\tor not")) == text_hash(clean_text("To be, or not  "))
-
-
-def test_keep_smallest_id_keeps_one_row_and_counts_copies():
-    group = add_text_hash(pa.table({"id": ["s2:7", "s0:3", "s1:9"], "text": ["same"] * 3}))
-    kept = keep_smallest_id(group)
-    assert kept.num_rows == 1
-    assert kept.column("id").to_pylist() == ["s0:3"]
-    assert kept.column("copies").to_pylist() == [3]
 
 
 def test_split_is_deterministic_and_seeded():
@@ -117,32 +139,24 @@ def test_add_split_column():
     assert set(out.column("split").to_pylist()) <= {TRAIN, VALIDATION}
 
 
-def test_stats_add_up():
-    tagged = pa.table(
+def test_size_histogram_bins():
+    assert size_histogram({2: 5, 3: 2, 4: 1, 7: 1, 8: 3, 100: 1}) == {"2": 5, "3": 2, "4-7": 2, "8-15": 3, "64-127": 1}
+
+
+def test_count_documents_groups_outcomes():
+    block = pa.table(
         {
-            "id": list("abcde"),
-            "text": ["x" * 10, "x" * 10, "", "", ""],
-            "raw_bytes": [12, 11, 0, 3, 40],
-            "bytes": [10, 10, 0, 3, 40],
-            "reason": [KEPT, KEPT, "empty", "too_short", "too_few_words"],
+            "reason": ["", "", "length", "quarantined", "quarantined"],
+            "error_kind": [None, None, None, "malformed_json", "truncated"],
+            "raw_bytes": [10, 12, 3, 5, 6],
+            "bytes": [9, 12, 3, 0, 0],
+            "pii_email": [1, 0, 0, 0, 0],
+            "pii_ip_address": [0, 0, 0, 0, 0],
+            "pii_phone_number": [0, 2, 0, 0, 0],
         }
     )
-    deduped = pa.table(
-        {
-            "id": ["a"],
-            "text": ["x" * 10],
-            "bytes": [10],
-            "copies": [2],
-            "split": [TRAIN],
-        }
-    )
-    by_reason = {r["key"]: r for r in count_by_reason(tagged).to_pylist()}
-    by_split = {r["key"]: r for r in count_by_split(deduped).to_pylist()}
-    stats = build_stats(2, by_reason, by_split)
-    assert stats["read"] == {"documents": 5, "bytes": 66}
-    assert stats["clean"] == {"documents": 5, "bytes": 63}
-    assert stats["filter"]["documents"] == 2
-    assert {r: v["documents"] for r, v in stats["filter"]["removed"].items()} == dict.fromkeys(DROP_REASONS, 1)
-    assert stats["dedup_exact"]["removed"] == {"documents": 1, "bytes": 10}
-    assert stats["dedup_exact"]["duplicate_groups"] == 1
-    assert stats["split"] == {"train": {"documents": 1, "bytes": 10}, "validation": {"documents": 0, "bytes": 0}}
+    rows = sum_rows(count_documents(block).to_pylist())
+    assert rows["kept"] == {"documents": 2, "raw_bytes": 22, "bytes": 21, "pii_email": 1, "pii_ip_address": 0,
+                            "pii_phone_number": 2}  # fmt: skip
+    assert rows["length"]["documents"] == 1
+    assert rows["quarantined:malformed_json"]["documents"] == 1 and rows["quarantined:truncated"]["documents"] == 1

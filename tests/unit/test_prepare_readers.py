@@ -5,10 +5,12 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from raylm.data.readers import list_input_files, read_shard, resolve_input
 from raylm.errors import InputError
@@ -19,10 +21,14 @@ def _write_jsonl(path, records, gz=False):
     path.write_bytes(gzip.compress(data) if gz else data)
 
 
-def _read_all(path, text_field="text", id_field=None, batch_rows=2):
-    (file,) = list_input_files(str(path))
-    tables = list(read_shard(file, text_field, id_field, batch_rows))
-    return [row for t in tables for row in t.to_pylist()], tables
+def _read_all(path, text_field="text", id_field=None, batch_rows=2, on_error="fail", txt_documents="file"):
+    """Rows (id, text) of one shard; bad records raise (`on_error="fail"`) or come back with their error columns."""
+    (file,) = list_input_files(str(path), on_error=on_error)
+    tables = list(read_shard(file, text_field, id_field, batch_rows, txt_documents, on_error))
+    rows = [row for t in tables for row in t.to_pylist()]
+    if on_error == "fail":
+        rows = [{"id": r["id"], "text": r["text"]} for r in rows]
+    return rows, tables
 
 
 def test_jsonl_ids_are_file_and_line(tmp_path):
@@ -81,7 +87,7 @@ def test_package_corpus_resolves_to_the_bundled_directory():
     ],
 )
 def test_listing_errors_name_the_path(tmp_path, make, message):
-    (tmp_path / "notes.txt").write_text("not a shard")
+    (tmp_path / "notes.md").write_text("not a shard")
     with pytest.raises(InputError, match=message.replace("*", r"\*")):
         list_input_files(make(tmp_path))
 
@@ -94,11 +100,12 @@ def test_listing_errors_name_the_path(tmp_path, make, message):
         ('{"text": 5}\n', "bad.jsonl:1: int in text field 'text'"),
         ('["a list"]\n', "bad.jsonl:1: expected a JSON object"),
         ("\n\n", "bad.jsonl: no records"),
+        ('{"text": "ok"}\n{"text": "b\u00e9"}\n'.encode().replace(b"\xc3\xa9", b"\xff").decode("latin-1"), "bad.jsonl:2: not valid UTF-8"),
     ],
 )
 def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1") if "\xff" in content else content.encode())
     with pytest.raises(InputError, match=message) as err:
         _read_all(path)
     assert "\n" not in str(err.value)
@@ -119,10 +126,10 @@ def test_bad_parquet_and_gzip_name_the_file(tmp_path):
     with pytest.raises(InputError, match="n.parquet: row 1: text field 'text' is null"):
         _read_all(tmp_path / "n.parquet")
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(InputError, match="junk.parquet: cannot read"):
+    with pytest.raises(InputError, match="junk.parquet: cannot read Parquet"):
         _read_all(tmp_path / "junk.parquet")
     (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 100)[:40])
-    with pytest.raises(InputError, match="t.jsonl.gz: cannot read"):
+    with pytest.raises(InputError, match=r"t.jsonl.gz:\d+: compressed stream ends early"):
         _read_all(tmp_path / "t.jsonl.gz")
 
 
@@ -131,3 +138,73 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     path.write_bytes(b'{"text": "ok"}\n{"text": "bad \xff\xfe byte"}\n')
     with pytest.raises(InputError, match="u.jsonl:2: not valid UTF-8"):
         _read_all(path)
+
+
+def _random_lines(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)  # incompressible text, so that cutting the file cuts records
+    return [{"id": f"r{i}", "text": " ".join(f"{rng.random():.12f}" for _ in range(20))} for i in range(n)]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.zst"])
+def test_truncated_compressed_shard_keeps_the_records_before_the_damage(tmp_path, suffix):
+    records = _random_lines(1500)  # more than one 128 KiB zstd block, so that a cut leaves whole blocks
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    whole = gzip.compress(data) if suffix.endswith(".gz") else zstandard.ZstdCompressor().compress(data)
+    (tmp_path / f"ok{suffix}").write_bytes(whole)
+    assert [r["id"] for r in _read_all(tmp_path / f"ok{suffix}", id_field="id", batch_rows=64)[0]] == [
+        r["id"] for r in records
+    ]
+    cut = tmp_path / "cut" / f"t{suffix}"
+    cut.parent.mkdir()
+    cut.write_bytes(whole[: len(whole) * 3 // 4])
+    rows, _ = _read_all(cut, id_field="id", batch_rows=64, on_error="quarantine")
+    good = [r for r in rows if r["error_kind"] is None]
+    bad = [r for r in rows if r["error_kind"] is not None]
+    assert [r["id"] for r in good] == [r["id"] for r in records[: len(good)]]  # a prefix, in order
+    assert 0 < len(good) < len(records)
+    assert len(bad) == 1 and bad[0]["error_kind"] == "truncated"
+    assert bad[0]["error"].startswith(f"{cut}:{len(good) + 1}: compressed stream ends early")
+
+
+def test_quarantine_mode_returns_every_kind_with_file_and_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        b'{"id": "a", "text": "good one"}\n{"id": "b", "text": "broken\n[1, 2]\n{"id": "c"}\n'
+        b'{"text": "no id"}\n{"id": "d", "text": "bad \xff byte"}\n{"id": "e", "text": "good two"}\n'
+    )
+    rows, _ = _read_all(path, id_field="id", on_error="quarantine", batch_rows=100)
+    assert [(r["id"], r["error_kind"]) for r in rows] == [
+        ("a", None), ("mixed.jsonl:2", "malformed_json"), ("mixed.jsonl:3", "not_an_object"),
+        ("mixed.jsonl:4", "missing_text"), ("mixed.jsonl:5", "missing_id"), ("mixed.jsonl:6", "invalid_utf8"),
+        ("e", None),
+    ]  # fmt: skip
+    assert rows[1]["error"] == f"{path}:2: malformed JSON (Unterminated string starting at at column 23)" or \
+        rows[1]["error"].startswith(f"{path}:2: malformed JSON")  # fmt: skip
+    assert rows[1]["text"].startswith('{"id": "b"')  # the raw record is kept for inspection
+
+
+def test_empty_and_unreadable_files_are_one_bad_record_each(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing-target.jsonl")
+    files = list_input_files(str(tmp_path))
+    assert [(f.name, f.readable) for f in files] == [("empty.jsonl", True), ("gone.jsonl", False)]
+    kinds = [r["error_kind"] for f in files for t in read_shard(f, "text", None, 10) for r in t.to_pylist()]
+    assert kinds == ["empty_file", "unreadable"]
+    with pytest.raises(InputError, match="gone.jsonl: not readable"):
+        list_input_files(str(tmp_path), on_error="fail")
+
+
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        ("file", [("poem.txt", "First line\nsecond line\n\nThird after a blank\nlast")]),
+        ("paragraph", [("poem.txt:1", "First line\nsecond line\n"), ("poem.txt:4", "Third after a blank\nlast")]),
+        ("line", [("poem.txt:1", "First line\n"), ("poem.txt:2", "second line\n"), ("poem.txt:4", "Third after a blank\n"),
+                  ("poem.txt:5", "last")]),
+    ],
+)  # fmt: skip
+def test_text_files_by_file_paragraph_or_line(tmp_path, mode, expected):
+    path = tmp_path / "poem.txt"
+    path.write_text("First line\nsecond line\n\nThird after a blank\nlast")
+    rows, _ = _read_all(path, txt_documents=mode, batch_rows=10)
+    assert [(r["id"], r["text"]) for r in rows] == expected

@@ -333,9 +333,11 @@ def build_stats(num_files: int, docs: dict, exact: dict, fuzzy: dict, by_split: 
 def read_documents(files: list[InputFile], cfg: PrepareConfig):
     """A Ray Dataset of documents and bad records: one read task per shard, streaming blocks of `read_batch_docs`."""
     listing = ray.data.from_items([asdict(f) for f in files], override_num_blocks=len(files))
+    credentials = storage_credentials() if any(is_uri(f.path) for f in files) else {}
     return listing.map_batches(
         read_shards_batch,
         batch_size=1,
+        **({"runtime_env": {"env_vars": credentials}} if credentials else {}),
         fn_kwargs={
             "text_field": cfg.text_field,
             "id_field": cfg.id_field,
@@ -344,6 +346,18 @@ def read_documents(files: list[InputFile], cfg: PrepareConfig):
             "on_error": cfg.on_error,
         },
     )
+
+
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_STORAGE_")
+
+
+def storage_credentials() -> dict[str, str]:
+    """The object-store settings of this process's environment (AWS_*, GOOGLE_*, GCS_*, AZURE_STORAGE_*).
+
+    Read tasks run in Ray workers, whose environment is the cluster's; the settings the user
+    has where they start the stage go with the tasks, as they would for a local read.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
 
 
 def clean_documents(ds, cfg: PrepareConfig):

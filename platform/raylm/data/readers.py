@@ -182,7 +182,9 @@ def _list_uri(spec: str, uri: str) -> list[InputFile]:
         if glob.has_magic(inner):
             root = _static_prefix(inner)
             infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.is_file]
-            infos = [i for i in infos if fnmatch.fnmatch(i.path, inner)]
+            # `**/` also matches no directory at all, as in a local recursive glob.
+            patterns = {inner, inner.replace("**/", "")}
+            infos = [i for i in infos if any(fnmatch.fnmatch(i.path, p) for p in patterns)]
         else:
             info = fs.get_file_info(inner)
             if info.type == pafs.FileType.NotFound:
@@ -261,8 +263,10 @@ def _lines(file: InputFile) -> Iterator[Iterator[bytes]]:
         elif lower.endswith(".gz"):
             with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
                 yield _guarded(stream)
+        elif is_uri(file.path):  # pyarrow streams read in chunks but do not iterate lines
+            yield _split_lines(iter(lambda: raw.read(1 << 20), b""))
         else:
-            yield _guarded(raw if isinstance(raw, io.IOBase) else io.BufferedReader(raw))
+            yield _guarded(raw)
 
 
 def _guarded(stream: IO[bytes]) -> Iterator[bytes]:
@@ -270,6 +274,17 @@ def _guarded(stream: IO[bytes]) -> Iterator[bytes]:
         yield from stream
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
         raise _Truncated(_first_line(e)) from None
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines (with their newline) of a stream given as chunks of bytes."""
+    pending = b""
+    for chunk in chunks:
+        *whole, pending = (pending + chunk).split(b"\n")
+        for line in whole:
+            yield line + b"\n"
+    if pending:
+        yield pending
 
 
 def _zstd_lines(raw: IO[bytes], chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
