@@ -209,22 +209,25 @@ def test_missing_input_is_one_line_from_the_cli(ray_local, tmp_path, capsys, rep
 
 
 def test_demo_corpus(ray_local, tmp_path, repo_root):
-    """The bundled corpus through the demo config: the planted junk and duplicates are removed (ATTRIBUTION.md)."""
+    """The bundled corpus through the demo config: the planted junk, copies and near copies are removed (ATTRIBUTION.md)."""
     cfg = load_config(repo_root / "configs/demo.yaml", [f"run.workdir={tmp_path}"])
     stats = run_prepare(cfg)["stats"]
     assert stats["input_files"] == 6
-    assert stats["read"]["documents"] == 1155
-    assert {r: v["documents"] for r, v in stats["filter"]["removed"].items()} == {
-        "empty": 2,
-        "too_short": 3,
-        "too_few_words": 1,
-    }
+    assert stats["read"]["documents"] == 1161
+    assert _removed_by_filter(stats) == {"empty": 2, "length": 3, "word_count": 1, "repetition": 4}
     assert stats["dedup_exact"]["removed"]["documents"] == 13
-    assert stats["split"]["train"]["documents"] + stats["split"]["validation"]["documents"] == 1136
+    assert stats["dedup_exact"]["clusters"] == 12
+    fuzzy = stats["dedup_fuzzy"]
+    assert fuzzy["removed"]["documents"] == 5 and fuzzy["clusters"] == 4 and fuzzy["cluster_sizes"] == {"2": 3, "3": 1}
+    out = Path(cfg.prepare.output)
+    near = {r["id"] for r in pq.read_table(out / "duplicates/fuzzy").to_pylist()}
+    assert {i.split("#")[1] for i in near} == {"edited", "edited2", "abridged"}  # the planted near copies
+    assert stats["split"]["train"]["documents"] + stats["split"]["validation"]["documents"] == 1133
     assert stats["split"]["validation"]["documents"] > 20
-    ids = [r["id"] for r in pq.read_table(Path(cfg.prepare.output) / "validation").to_pylist()]
+    ids = [r["id"] for r in pq.read_table(out / "validation").to_pylist()]
     # configs/demo.yaml keeps the corpus's own ids (prepare.id_field: id), e.g. hamlet/0012
-    assert all(re.fullmatch(r"[a-z0-9_]+/(\d{4}|nfc)", i) for i in ids), ids
+    assert all(re.fullmatch(r"[a-z0-9_]+/(\d{4}|nfc)(#rewritten)?", i) for i in ids), ids
+    assert "Near duplicates: 5 removed in 4 clusters" in (out / "report.md").read_text()
 
 
 def test_nothing_left_after_filtering_is_an_error(ray_local, tmp_path):

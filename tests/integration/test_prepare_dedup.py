@@ -39,14 +39,16 @@ PERMISSIVE = [
 
 
 def _real_texts() -> list[str]:
-    texts = []
+    """Documents of the bundled corpus, without its own planted copies (ids with `#`) and notes."""
+    records = []
     for path in sorted(ASSETS.iterdir()):
         if path.suffix == ".parquet":
-            texts += pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            records += pq.read_table(path, columns=["id", "text"]).to_pylist()
         elif ".jsonl" in path.name:
             raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-            texts += [json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()]
-    return [t for t in texts if len(t.split()) >= 120]
+            records += [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+    originals = [r for r in records if "#" not in r["id"] and "/" in r["id"] and not r["id"].startswith("note/")]
+    return [r["text"] for r in sorted(originals, key=lambda r: r["id"]) if len(r["text"].split()) >= 120]
 
 
 def _edit(words: list[str], rate: float, rng: random.Random) -> list[str]:
@@ -73,12 +75,13 @@ def planted_corpus(seed: int = 0) -> list[dict]:
     for i in range(0, 120, 3):
         words = texts[i].split()
         near = _edit(words, 0.01, rng)  # Jaccard about 0.9: a duplicate
-        docs.append({"id": f"near{i:04d}", "text": " ".join(near)})
-        docs.append({"id": f"far{i:04d}", "text": " ".join(_edit(words, 0.12, rng))})  # about 0.3: not one
+        # Planted ids sort after "doc": the original is each cluster's smallest id, the one kept.
+        docs.append({"id": f"p-near{i:04d}", "text": " ".join(near)})
+        docs.append({"id": f"p-far{i:04d}", "text": " ".join(_edit(words, 0.12, rng))})  # about 0.3: not one
         if i % 2 == 0:  # a copy of the copy: a chain of three
-            docs.append({"id": f"chain{i:04d}", "text": " ".join(_edit(near, 0.01, rng))})
+            docs.append({"id": f"p-chain{i:04d}", "text": " ".join(_edit(near, 0.01, rng))})
         if i % 5 == 0:
-            docs.append({"id": f"exact{i:04d}", "text": texts[i]})
+            docs.append({"id": f"p-exact{i:04d}", "text": texts[i]})
     rng.shuffle(docs)
     return docs
 
@@ -144,10 +147,10 @@ def test_removed_set_equals_exact_jaccard_truth(corpus, one_run):
     docs, truth = corpus
     cfg, result = one_run
     removed = {d["id"] for d in docs} - kept_ids(cfg.prepare.output)
-    planted_near = {d["id"] for d in docs if d["id"].startswith(("near", "chain", "exact"))}
+    planted_near = {d["id"] for d in docs if d["id"].startswith(("p-near", "p-chain", "p-exact"))}
     # The truth is what the planted edits imply: near copies, chains and exact copies go, far edits stay.
     assert planted_near - truth == set()
-    assert not any(i.startswith("far") for i in truth)
+    assert not any(i.startswith("p-far") for i in truth)
     assert removed == truth
 
 
@@ -158,7 +161,7 @@ def test_duplicate_files_and_stats(corpus, one_run):
     exact = pq.read_table(out / "duplicates/exact").to_pylist()
     fuzzy = pq.read_table(out / "duplicates/fuzzy").to_pylist()
     assert {r["id"] for r in exact} | {r["id"] for r in fuzzy} == truth
-    assert {r["id"] for r in exact} == {d["id"] for d in docs if d["id"].startswith("exact")}
+    assert {r["id"] for r in exact} == {d["id"] for d in docs if d["id"].startswith("p-exact")}
     assert all(r["kept_id"] < r["id"] for r in fuzzy)  # the smallest id of a cluster is kept
     stats = result["stats"]
     fz = stats["dedup_fuzzy"]
