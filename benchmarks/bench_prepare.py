@@ -34,7 +34,8 @@ def run_raylm_prepare(corpus_dir: Path, workdir: Path) -> dict:
     cmd = [sys.executable, "-m", "raylm.cli", "prepare", "--config", str(ROOT / "configs/demo.yaml"),
            f"--prepare.input={corpus_dir}", f"--run.workdir={workdir}", *(f"--{o}" for o in PREPARE_OVERRIDES)]  # fmt: skip
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(workdir.parent / f"{workdir.name}.log", "w+")  # a file, not a pipe: a full pipe would stall it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
     peak, parent = 0, psutil.Process(proc.pid)
     while proc.poll() is None:
         total = 0
@@ -46,7 +47,9 @@ def run_raylm_prepare(corpus_dir: Path, workdir: Path) -> dict:
         peak = max(peak, total)
         time.sleep(0.25)
     seconds = time.perf_counter() - started
-    err = proc.stderr.read()
+    log.seek(0)
+    err = log.read()
+    log.close()
     if proc.returncode != 0:
         raise SystemExit(f"raylm prepare failed ({proc.returncode}):\n{err[-3000:]}")
     stats = json.loads((workdir / "prepared/stats.json").read_text())
@@ -89,8 +92,8 @@ def minhash_crosscheck(corpus: list[dict], pairs: int = 300, seed: int = 3) -> d
 def measure(base: int, seed: int, tmp: Path, with_truth: bool = True) -> dict:
     corpus = build_corpus(base, seed)
     mb = sum(len(d["text"].encode()) for d in corpus) / 1e6
-    corpus_dir = write_shards(corpus, tmp / f"corpus-{base}", shards=8)
-    ours = run_raylm_prepare(corpus_dir, tmp / f"run-{base}")
+    corpus_dir = write_shards(corpus, tmp / f"corpus-{base}-{seed}", shards=8)
+    ours = run_raylm_prepare(corpus_dir, tmp / f"run-{base}-{seed}")
     base_removed, base_seconds = datasketch_dedup(corpus)
     row = {
         "documents": len(corpus),

@@ -164,8 +164,11 @@ def test_result_does_not_depend_on_sharding(three_shards, tmp_path):
 
 def test_default_ids_are_file_and_line(ray_local, tmp_path):
     corpus = _write_shards(tmp_path / "raw", _records()[:6], ["a.jsonl", "b.parquet"])
-    cfg = _cfg(corpus, tmp_path / "run", "prepare.validation_fraction=0.5")
-    run_prepare(cfg)
+    # Fuzzy dedup on, with nothing near-duplicate to find: it must pass every document through.
+    cfg = _cfg(corpus, tmp_path / "run", "prepare.validation_fraction=0.5", "prepare.dedup.fuzzy.enabled=true")
+    stats = run_prepare(cfg)["stats"]
+    assert stats["dedup_fuzzy"]["removed"]["documents"] == 0 and stats["dedup_fuzzy"]["clusters"] == 0
+    assert pq.read_table(Path(cfg.prepare.output) / "duplicates/fuzzy").num_rows == 0
     ids = sorted(r["id"] for rows in _output(cfg.prepare.output).values() for r in rows)
     assert ids == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "b.parquet:0", "b.parquet:1", "b.parquet:2"]
 

@@ -14,7 +14,7 @@ import unicodedata
 import pyarrow as pa
 
 from raylm.data.config import CleanConfig, FiltersConfig
-from raylm.data.filters import EMPTY, KEPT, drop_reason
+from raylm.data.filters import KEPT, drop_reason
 from raylm.data.pii import PLACEHOLDERS, redact_pii
 
 QUARANTINED = "quarantined"

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raylm.data.config import FuzzyDedupConfig
+from raylm.data.minhash import MinHasher, band_keys, jaccard, lsh_params, shingle_hashes
 from raylm.data.shuffle import co_group, map_partitions
 
 DOCS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
@@ -37,32 +38,31 @@ REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("kept_id", pa.string())])
 
 def lsh_shape(cfg: FuzzyDedupConfig) -> tuple[int, int]:
     """(bands, rows) from the config, or chosen for its threshold and num_perm."""
-    from raylm.data.minhash import lsh_params
-
     if cfg.bands is not None:
         return cfg.bands, cfg.rows
     return lsh_params(cfg.threshold, cfg.num_perm)
 
 
 @functools.lru_cache(maxsize=4)
-def _hasher(num_perm: int, seed: int):
-    from raylm.data.minhash import MinHasher
-
+def _hasher(num_perm: int, seed: int) -> MinHasher:
     return MinHasher(num_perm, seed)
 
 
 def band_rows(batch: pa.Table, *, unit: str, ngram: int, num_perm: int, seed: int, bands: int, rows: int) -> pa.Table:
-    """Ray Data batch function: (id, text) in, one row (band_key, id) per document and band out."""
-    from raylm.data.minhash import band_keys, shingle_hashes
+    """Ray Data batch function: (id, text) in, one row (band_key, id) per document and band out.
 
+    A document without shingles (no words) has no bands: it cannot be anyone's near duplicate.
+    """
     ids = batch.column("id").combine_chunks()
     shingles = [shingle_hashes(t, unit, ngram) for t in batch.column("text").to_pylist()]
-    keys = band_keys(_hasher(num_perm, seed).signatures(shingles), bands, rows)
+    keep = np.flatnonzero([len(s) > 0 for s in shingles])
+    keys = band_keys(_hasher(num_perm, seed).signatures([shingles[i] for i in keep]), bands, rows)
     return pa.table(
         {
             "band_key": pa.array(keys.reshape(-1), pa.uint64()),
-            "id": ids.take(pa.array(np.repeat(np.arange(len(ids)), bands), pa.int64())),
-        }
+            "id": ids.take(pa.array(np.repeat(keep, bands), pa.int64())),
+        },
+        schema=BAND_SCHEMA,
     )
 
 
@@ -104,8 +104,6 @@ def attach_text_a(pairs: pa.Table, docs: pa.Table) -> pa.Table:
 
 def verify_pairs(pairs: pa.Table, docs: pa.Table, *, unit: str, ngram: int) -> pa.Table:
     """Co-group function (partition of `b`): each pair with the exact Jaccard similarity of its shingle sets."""
-    from raylm.data.minhash import jaccard, shingle_hashes
-
     if pairs.num_rows == 0:
         return CANDIDATES_SCHEMA.empty_table()
     joined = pairs.join(docs, keys="b", right_keys="id", join_type="inner")

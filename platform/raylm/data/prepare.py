@@ -175,22 +175,11 @@ def prepare_to(cfg: PrepareConfig, files: list[InputFile], out_dir: str, work: W
     return build_stats(len(files), doc_counts, exact_figures, fuzzy_figures, by_split, output_seconds)
 
 
-def _fuzzy_dedup(docs, cfg: PrepareConfig, num_parts: int, work: WorkDir, out_dir: str):
+def _remove_clusters(docs, candidates, threshold: float, num_parts: int, work: WorkDir, out_dir: str):
+    """Cluster the verified pairs, record the removed ids, and drop them: (kept docs, component figures, kept figures)."""
     from raylm.data.components import connected_components
-    from raylm.data.dedup_fuzzy import CANDIDATES_SCHEMA
 
-    fz = cfg.dedup.fuzzy
-    text_docs = docs.select_columns(["id", "text"])
-    candidates, cand_figures = work.step(
-        "candidates",
-        CANDIDATES_SCHEMA,
-        lambda: candidate_pairs(text_docs, fz, num_parts),
-        lambda ds: st.sum_rows(
-            ds.map_batches(st.count_candidates, batch_size=None, batch_format="pyarrow",
-                           fn_kwargs={"threshold": fz.threshold}).take_all()  # fmt: skip
-        ),
-    )
-    edges = candidates.filter(expr=col("jaccard") >= fz.threshold).select_columns(["a", "b"])
+    edges = candidates.filter(expr=col("jaccard") >= threshold).select_columns(["a", "b"])
     cc_stats: dict = {}
 
     def components():
@@ -207,6 +196,29 @@ def _fuzzy_dedup(docs, cfg: PrepareConfig, num_parts: int, work: WorkDir, out_di
     kept, kept_figures = work.step(
         "fuzzy_kept", DOCS_SCHEMA, lambda: remove_duplicates(docs, DOCS_SCHEMA, removed, num_parts), _measure_docs
     )
+    return kept, comp_figures, kept_figures
+
+
+def _fuzzy_dedup(docs, cfg: PrepareConfig, num_parts: int, work: WorkDir, out_dir: str):
+    from raylm.data.dedup_fuzzy import CANDIDATES_SCHEMA
+
+    fz = cfg.dedup.fuzzy
+    text_docs = docs.select_columns(["id", "text"])
+    candidates, cand_figures = work.step(
+        "candidates",
+        CANDIDATES_SCHEMA,
+        lambda: candidate_pairs(text_docs, fz, num_parts),
+        lambda ds: st.sum_rows(
+            ds.map_batches(st.count_candidates, batch_size=None, batch_format="pyarrow",
+                           fn_kwargs={"threshold": fz.threshold}).take_all()  # fmt: skip
+        ),
+    )
+    if cand_figures.get("verified", {}).get("documents", 0) == 0:  # nothing to cluster or remove
+        write_parquet_dir(docs.limit(0).select_columns(["id"]), f"{out_dir}/duplicates/fuzzy", REMOVED_SCHEMA)
+        comp_figures = {"iterations": 0, "clusters": 0, "cluster_sizes": {}, "seconds": 0.0}
+        kept, kept_figures = docs, {**_measure_docs(docs), "seconds": 0.0}
+    else:
+        kept, comp_figures, kept_figures = _remove_clusters(docs, candidates, fz.threshold, num_parts, work, out_dir)
     bands, rows = lsh_shape(fz)
     figures = {
         "candidates": cand_figures,

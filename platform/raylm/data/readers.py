@@ -25,7 +25,6 @@ from __future__ import annotations
 import fnmatch
 import glob
 import gzip
-import io
 import json
 import os
 import zlib
