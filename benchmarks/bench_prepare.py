@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prepare.py                       # quality at 3,000 base docs; scaling at 1x, 2x, 4x of 4,000
     python benchmarks/bench_prepare.py --base 8000 --quality-base 5000
+    python benchmarks/bench_prepare.py --warm-only --scales 1,16   # on a running Ray, after a warm-up run
 
 For each corpus (see prepare_common.py): `raylm prepare` runs as its own process with its own
 local Ray (so its time includes starting Ray, as a user's run does), its peak memory is the
@@ -89,6 +90,40 @@ def minhash_crosscheck(corpus: list[dict], pairs: int = 300, seed: int = 3) -> d
     return {"pairs": pairs, "raylm_mae": float(np.mean(ours)), "datasketch_mae": float(np.mean(theirs))}
 
 
+def run_warm(sizes: list[int], tmp: Path) -> list[dict]:
+    """The stage on an already running local Ray (as on a cluster that `raylm submit` targets), after one warm-up run.
+
+    Only the stage's own time is measured: no Ray start, no cold worker processes.
+    """
+    from prepare_common import PeakMemory
+
+    from raylm.config import load_config
+    from raylm.data.prepare import run_prepare
+    from raylm.runtime import init_ray
+
+    init_ray(num_cpus=4)
+    rows = []
+    for i, base in enumerate([300, *sizes]):  # the first, small corpus only warms the workers up
+        corpus = build_corpus(base, seed=2)
+        corpus_dir = write_shards(corpus, tmp / f"warm-corpus-{base}", shards=8)
+        cfg = load_config(ROOT / "configs/demo.yaml",
+                          [f"prepare.input={corpus_dir}", f"run.workdir={tmp / f'warm-run-{base}'}", *PREPARE_OVERRIDES])  # fmt: skip
+        with PeakMemory() as mem:
+            started = time.perf_counter()
+            stats = run_prepare(cfg)["stats"]
+            seconds = time.perf_counter() - started
+        if i == 0:
+            continue
+        base_removed, base_seconds = datasketch_dedup(corpus)
+        true_removed, _ = truth(corpus, shingle_sets(corpus))
+        rows.append({"documents": len(corpus), "mb": sum(len(d["text"].encode()) for d in corpus) / 1e6,
+                     "raylm_seconds": seconds, "raylm_fuzzy_seconds": stats["seconds"]["dedup_fuzzy"],
+                     "peak_rss_mb": mem.peak / 2**20, "datasketch_seconds": base_seconds,
+                     "raylm": scores(raylm_removed(cfg.prepare.output), true_removed),
+                     "datasketch": scores(base_removed, true_removed)})  # fmt: skip
+    return rows
+
+
 def measure(base: int, seed: int, tmp: Path, with_truth: bool = True) -> dict:
     corpus = build_corpus(base, seed)
     mb = sum(len(d["text"].encode()) for d in corpus) / 1e6
@@ -119,7 +154,24 @@ def main() -> None:
     parser.add_argument("--quality-base", type=int, default=3000, help="base documents of the quality corpus")
     parser.add_argument("--base", type=int, default=4000, help="base documents at 1x for throughput and scaling")
     parser.add_argument("--scales", default="1,2,4")
+    parser.add_argument("--warm-only", action="store_true", help="only the warm-cluster throughput rows")
     args = parser.parse_args()
+    scales = [int(s) for s in args.scales.split(",")]
+    if args.warm_only:
+        with tempfile.TemporaryDirectory(prefix="raylm-bench-") as tmp:
+            rows = run_warm([args.base * s for s in scales], Path(tmp))
+        print("\n== throughput on a running Ray (warm workers; whole stage) vs datasketch (1 process) ==")
+        print(f"{'docs':>8} {'MB':>6} {'raylm s':>8} {'docs/s':>7} {'MB/s':>5} {'fuzzy s':>7} {'peak MB':>8} "
+              f"{'datasketch s':>12} {'docs/s':>7} {'speed ratio':>11} {'F1 raylm':>8} {'F1 ds':>6}")  # fmt: skip
+        for r in rows:
+            print(f"{r['documents']:>8,} {r['mb']:6.1f} {r['raylm_seconds']:8.1f} {r['documents'] / r['raylm_seconds']:7.0f} "
+                  f"{r['mb'] / r['raylm_seconds']:5.2f} {r['raylm_fuzzy_seconds']:7.1f} {r['peak_rss_mb']:8.0f} "
+                  f"{r['datasketch_seconds']:12.1f} {r['documents'] / r['datasketch_seconds']:7.0f} "
+                  f"{r['datasketch_seconds'] / r['raylm_seconds']:11.2f} {r['raylm']['f1']:8.4f} {r['datasketch']['f1']:6.4f}")  # fmt: skip
+        out = Path(__file__).resolve().parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / "prepare_warm.json").write_text(json.dumps(rows, indent=2))
+        return
     results: dict = {"threshold": THRESHOLD, "num_perm": NUM_PERM}
     with tempfile.TemporaryDirectory(prefix="raylm-bench-") as tmp:
         tmp = Path(tmp)
@@ -136,7 +188,7 @@ def main() -> None:
               f"raylm {c['raylm_mae']:.4f}, datasketch {c['datasketch_mae']:.4f}")  # fmt: skip
 
         results["scaling"] = []
-        for scale in (int(s) for s in args.scales.split(",")):
+        for scale in scales:
             row = measure(args.base * scale, seed=2, tmp=tmp)
             row["scale"] = scale
             results["scaling"].append(row)

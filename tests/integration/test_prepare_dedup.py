@@ -222,3 +222,18 @@ def test_killed_run_resumes_to_the_same_output(ray_local, corpus, one_run, tmp_p
     assert not Path(f"{output}.work").exists()
     for split in ("train", "validation"):
         assert pq.read_table(output / split).to_pylist() == pq.read_table(Path(cfg1.prepare.output) / split).to_pylist()
+
+
+def test_kept_ids_do_not_depend_on_the_worker_count(corpus, one_run, tmp_path, repo_root):
+    """The same corpus on a separate local Ray with 2 CPUs (half the workers of the shared one) keeps the same ids."""
+    docs, _ = corpus
+    cfg1, _ = one_run
+    corpus_dir = write_shards(docs, tmp_path / "raw", 3)
+    workdir = tmp_path / "run"
+    args = [sys.executable, str(repo_root / "jobs/prepare.py"), "--config", str(repo_root / "configs/demo.yaml"),
+            f"--prepare.input={corpus_dir}", f"--run.workdir={workdir}", "--prepare.id_field=id", "--ray.num_cpus=2",
+            f"--prepare.dedup.fuzzy.threshold={THRESHOLD}", *(f"--{o}" for o in PERMISSIVE)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert kept_ids(str(workdir / "prepared")) == kept_ids(cfg1.prepare.output)
