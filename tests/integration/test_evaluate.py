@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -17,7 +16,8 @@ from raylm.evaluate.report import run_evaluate
 from raylm.model.artifact import save_model
 from raylm.model.gpt import GPT, build_config
 from raylm.model.quantized import quantize_gpt, save_quantized
-from raylm.tokenize.shards import TokenMeta, token_dtype, write_token_shard
+from raylm.tokenize.packing import packed_split
+from raylm.tokenize.shards import write_token_data
 
 SEQ_LEN = 32
 TEXT = (
@@ -36,19 +36,12 @@ def make_tokens(root) -> tuple[str, int]:
     )
     tok.train_from_iterator([TEXT] * 8, trainer)
     eos = tok.token_to_id("<|endoftext|>")
-    ids = np.array((tok.encode(TEXT).ids + [eos]) * 12)
-    n = (len(ids) - 1) // SEQ_LEN
-    rows = np.stack([ids[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])  # overlap by one token
     vocab = tok.get_vocab_size()
-    rows = rows.astype(token_dtype(vocab))
     path = root / "tokens"
     with stage_output(path, "tokenize", {"test": True}) as out:
-        for split, part in (("train", rows[: n // 2]), ("validation", rows[n // 2 :])):
-            (out.tmp / split).mkdir()
-            write_token_shard(out.tmp / split / "part-00000.parquet", part)
-        tok.save(str(out.tmp / "tokenizer.json"))
-        counts = {"train": n // 2, "validation": n - n // 2}
-        out.stats = TokenMeta(out.tmp, vocab, SEQ_LEN, eos, str(rows.dtype), counts).to_stats()
+        doc = tok.encode(TEXT).ids
+        splits = {split: packed_split([doc] * 6, eos, SEQ_LEN) for split in ("train", "validation")}
+        out.stats = write_token_data(out.tmp, tok, eos, splits).to_stats()
     return str(path), vocab
 
 

@@ -16,7 +16,7 @@ from raylm.config import load_config
 from raylm.errors import ConfigError, InputError
 from raylm.tokenize.bpe import load_tokenizer
 from raylm.tokenize.pipeline import run_tokenize
-from raylm.tokenize.shards import SPLITS, read_split_numpy, read_token_meta
+from raylm.tokenize.shards import SPLITS, document_starts, read_split_numpy, read_token_meta
 
 SEQ_LEN = 32
 SHARD_ROWS = 50
@@ -92,10 +92,11 @@ def test_shards_hold_every_document_and_separator_in_order(tokenized, corpus):
     stats = read_manifest(tokenized["path"])["stats"]
     tokenizer = load_tokenizer(tokenized["path"])
     tokenizer.encode_special_tokens = True  # documents' literal "<|endoftext|>" is text, as the stage encodes it
-    assert meta.seq_len == SEQ_LEN and meta.dtype == "uint16" and meta.format_version == 1
+    assert meta.seq_len == SEQ_LEN and meta.dtype == "uint16" and meta.format_version == 2
     for split in SPLITS:
         docs = corpus["docs"][split]
-        expected = [i for d in docs for i in tokenizer.encode(d, add_special_tokens=False).ids + [meta.eos_token_id]]
+        doc_ids = [tokenizer.encode(d, add_special_tokens=False).ids + [meta.eos_token_id] for d in docs]
+        expected = [i for ids in doc_ids for i in ids]
         n = meta.num_sequences[split]
         assert stats["documents"][split] == len(docs)
         assert stats["tokens"][split] == len(expected)
@@ -106,12 +107,24 @@ def test_shards_hold_every_document_and_separator_in_order(tokenized, corpus):
         np.testing.assert_array_equal(rows[1:, 0], rows[:-1, -1])  # consecutive rows overlap by one token
         stream = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])
         assert stream.tolist() == expected[: len(stream)]
-        files = sorted(meta.split_dir(split).glob("*.parquet"))
+        files = sorted(meta.split_dir(split).glob("*.npy"))
         assert len(files) == stats["shards"][split] == -(-n // SHARD_ROWS)
-        column = pq.read_table(files[0]).schema.field("tokens").type
-        assert column == pa.list_(pa.uint16(), SEQ_LEN + 1)
-    assert stats["tokenizer_documents"] == 200
+        assert np.load(files[0], mmap_mode="r").shape == (SHARD_ROWS, SEQ_LEN + 1)
+        # no token lost: the rows plus the dropped tail are every document's tokens and separator
+        assert n * SEQ_LEN + 1 + stats["dropped_tokens"][split] == sum(map(len, doc_ids))
+        assert document_starts(meta, split).tolist() == np.cumsum([0] + [len(i) for i in doc_ids[:-1]]).tolist()
+    assert stats["tokenizer_documents"] == 200 and stats["tokenizer"] == "trained"
     assert stats["tokens_per_s"] > 0
+
+
+def test_ray_data_reads_the_shards_as_they_are(tokenized):
+    import ray
+
+    meta = read_token_meta(tokenized["path"])
+    ds = ray.data.read_numpy(str(meta.split_dir("train")))
+    assert ds.count() == meta.num_sequences["train"]
+    first = ds.take_batch(3, batch_format="numpy")["data"]
+    assert first.shape == (3, SEQ_LEN + 1) and first.tolist() == read_split_numpy(meta, "train", 3).tolist()
 
 
 def test_rerun_with_the_same_config_is_a_noop(tokenized):
@@ -149,8 +162,44 @@ def test_bad_inputs_and_configs_are_one_line_errors(corpus, tmp_path):
     empty = write_prepared(tmp_path / "empty", {"train": [[]], "validation": [["a document"]]})
     with pytest.raises(InputError, match="train split has no documents"):
         run_tokenize(make_config(tmp_path, empty, tmp_path / "t"))
+    no_validation = write_prepared(tmp_path / "noval", {"train": [["a document"]], "validation": [[]]})
+    with pytest.raises(InputError, match="validation split has no documents .*validation_fraction"):
+        run_tokenize(make_config(tmp_path, no_validation, tmp_path / "t"))
+    with pytest.raises(InputError, match=r"validation split's 40 documents hold \d+ tokens, too few for one sequence"):
+        run_tokenize(make_config(tmp_path, corpus["prepared"], tmp_path / "t", "tokenize.seq_len=4096"))
+    with pytest.raises(InputError, match="no tokenizer in this directory"):
+        run_tokenize(make_config(tmp_path, corpus["prepared"], tmp_path / "t", f"tokenize.tokenizer={tmp_path}"))
     numbers = write_prepared(tmp_path / "numbers", {"train": [["a document"]]})
     pq.write_table(pa.table({"id": ["x"], "text": [3]}), numbers / "train" / "part-00001.parquet")
     with pytest.raises(InputError, match=r"part-00001.parquet: column `text` holds int64, expected strings"):
         run_tokenize(make_config(tmp_path, numbers, tmp_path / "t"))
     assert not (tmp_path / "t").exists()
+
+
+def test_long_documents_in_pieces_give_the_same_shards(tokenized, corpus):
+    """Cutting documents into pieces of at most 64 characters spreads them over actors and changes no byte."""
+    other = corpus["root"] / "tokens-pieces"
+    cfg = make_config(corpus["root"], corpus["prepared"], other, "tokenize.max_piece_chars=64")
+    stats = run_tokenize(cfg)
+    assert stats["pieces"]["train"] > stats["documents"]["train"] == len(corpus["docs"]["train"])
+    for f in tokenized["path"].rglob("*.npy"):
+        assert (other / f.relative_to(tokenized["path"])).read_bytes() == f.read_bytes(), f
+
+
+def test_gpt2_tokenizer_files_encode_like_tokenizers_itself(corpus, gpt2_files, demo_texts):
+    """tokenize.tokenizer = GPT-2's encoder.json + vocab.bpe: the shards hold tokenizers' own ids, token for token."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    root = corpus["root"]
+    docs = demo_texts[:60]
+    prepared = write_prepared(root / "prepared-gpt2", {"train": [docs[:50]], "validation": [docs[50:]]})
+    cfg = make_config(root, prepared, root / "tokens-gpt2", f"tokenize.tokenizer={gpt2_files}", "tokenize.seq_len=128")
+    stats = run_tokenize(cfg)
+    meta = read_token_meta(stats["output"])
+    assert meta.vocab_size == 50257 and meta.eos_token_id == 50256 and meta.dtype == "uint16"
+    assert stats["tokenizer"] == str(gpt2_files) and stats["tokenizer_documents"] == 0
+    reference = ByteLevelBPETokenizer(str(gpt2_files / "encoder.json"), str(gpt2_files / "vocab.bpe"))
+    expected = [i for ids in reference.encode_batch(docs[:50]) for i in ids.ids + [50256]]
+    rows = read_split_numpy(meta, "train")
+    stream = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])
+    assert stream.tolist() == expected[: len(stream)] and len(expected) - len(stream) == stats["dropped_tokens"]["train"]

@@ -7,7 +7,6 @@ import math
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,13 +14,15 @@ from safetensors.torch import load_file
 from raylm.artifacts import read_manifest, stage_output
 from raylm.config import load_config
 from raylm.model.artifact import load_model
-from raylm.tokenize.shards import TokenMeta, token_dtype, write_token_shard
+from raylm.tokenize.ingest import SequenceOrder, sample_checksum
+from raylm.tokenize.packing import packed_split
+from raylm.tokenize.shards import TokenMeta, read_token_meta, write_token_data
 from raylm.train.trainer import build_trainer, run_train
 
 SEQ_LEN = 32
 
 
-def write_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
+def make_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
     """A real byte-level BPE tokenizer and packed token shards of a small, learnable made-up corpus."""
     from tokenizers import ByteLevelBPETokenizer
 
@@ -37,26 +38,21 @@ def write_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
     tokenizer.train_from_iterator(
         docs, vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
     )
-    eos, vocab = tokenizer.token_to_id("<|endoftext|>"), tokenizer.get_vocab_size()
-    counts = {}
+    eos = tokenizer.token_to_id("<|endoftext|>")
     with stage_output(path, "tokenize", {"test": "train"}) as out:
-        tokenizer.save(str(out.tmp / "tokenizer.json"))
-        for split, part in (("train", docs[:360]), ("validation", docs[360:])):
-            ids = [i for doc in part for i in tokenizer.encode(doc).ids + [eos]]
-            rows = np.stack([ids[k * seq_len : (k + 1) * seq_len + 1] for k in range((len(ids) - 1) // seq_len)])
-            (out.tmp / split).mkdir()
-            write_token_shard(out.tmp / split / "part-00000.parquet", rows.astype(token_dtype(vocab)))
-            counts[split] = len(rows)
-        meta = TokenMeta(path, vocab, seq_len, eos, str(token_dtype(vocab)), counts)
-        out.stats = meta.to_stats()
-    return meta
+        splits = {
+            split: packed_split((tokenizer.encode(doc).ids for doc in part), eos, seq_len)
+            for split, part in (("train", docs[:360]), ("validation", docs[360:]))
+        }
+        out.stats = write_token_data(out.tmp, tokenizer, eos, splits, shard_rows=64).to_stats()
+    return read_token_meta(path)
 
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tmp_path_factory):
     """One ZeRO-3 run of the train stage, shared by the tests below: (config, summary, token meta)."""
     root = tmp_path_factory.mktemp("train")
-    tokens = write_token_data(root / "tokens")
+    tokens = make_token_data(root / "tokens")
     overrides = [
         "--prepare.input=unused",
         f"--run.workdir={root}",
@@ -111,14 +107,23 @@ def test_train_stage_learns_and_exports_the_trained_weights(trained):
 
 def test_a_run_resumes_from_its_latest_checkpoint(trained):
     """Fitting again with the same storage and name continues from step 12 instead of starting over."""
-    cfg, _, _ = trained
+    cfg, _, tokens = trained
     more = cfg.train.model_copy(update={"max_steps": 16, "eval_interval_steps": 4, "checkpoint_interval_steps": 4})
     storage = Path(cfg.train.output) / "ray"
     result = build_trainer(more, run_name=cfg.run.name, storage_path=str(storage), seed=cfg.run.seed).fit()
 
     assert result.metrics["start_step"] == 12 and result.metrics["step"] == 16
-    for key in ("loss", "val_loss", "val_ppl", "lr", "tokens_per_s"):
+    for key in ("loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "data_wait_frac"):
         assert math.isfinite(result.metrics[key])
+    # The resumed run went on from the checkpoint's data position: over both runs, every rank trained on
+    # exactly its first 16 micro-batches of the seeded order, none repeated, none skipped.
+    order = SequenceOrder(tokens.num_sequences["train"], micro_batch_size=4, dp_size=2, seed=cfg.run.seed)
+    expected = 0
+    for k in range(16):
+        epoch, b = divmod(k, order.batches_per_epoch)
+        for rank in range(2):
+            expected += sample_checksum(order.epoch_indices(epoch, rank)[b], epoch)
+    assert result.metrics["sample_checksum"] == expected % (2**61 - 1)
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         assert load_model(Path(d) / "model").meta["trained_steps"] == 16

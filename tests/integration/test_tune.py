@@ -8,13 +8,13 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from raylm.artifacts import stage_output
 from raylm.config import load_config
-from raylm.tokenize.shards import TokenMeta, token_dtype, write_token_shard
+from raylm.tokenize.packing import packed_split
+from raylm.tokenize.shards import write_token_data
 from raylm.tune.sweep import run_tune
 
 SEQ_LEN = 32
@@ -38,20 +38,14 @@ def make_tokens(root) -> str:
     )
     tok.train_from_iterator(texts, trainer)
     eos = tok.token_to_id("<|endoftext|>")
-    ids = np.array([i for text in texts for i in tok.encode(text).ids + [eos]])
-    n = (len(ids) - 1) // SEQ_LEN
-    rows = np.stack([ids[i * SEQ_LEN : i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])  # overlap by one token
-    vocab = tok.get_vocab_size()
-    rows = rows.astype(token_dtype(vocab))
-    n_val = max(16, n // 10)
+    n_val = max(16, len(texts) // 10)
     path = root / "tokens"
     with stage_output(path, "tokenize", {"test": "tune"}) as out:
-        for split, part in (("train", rows[n_val:]), ("validation", rows[:n_val])):
-            (out.tmp / split).mkdir()
-            write_token_shard(out.tmp / split / "part-00000.parquet", part)
-        tok.save(str(out.tmp / "tokenizer.json"))
-        counts = {"train": n - n_val, "validation": n_val}
-        out.stats = TokenMeta(out.tmp, vocab, SEQ_LEN, eos, str(rows.dtype), counts).to_stats()
+        splits = {
+            split: packed_split((tok.encode(text).ids for text in part), eos, SEQ_LEN)
+            for split, part in (("train", texts[n_val:]), ("validation", texts[:n_val]))
+        }
+        out.stats = write_token_data(out.tmp, tok, eos, splits).to_stats()
     return str(path)
 
 

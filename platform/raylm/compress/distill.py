@@ -16,6 +16,7 @@ teacher's. The student takes the teacher's vocabulary and block size.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +26,9 @@ from pydantic import ValidationError
 from raylm.artifacts import stage_output
 from raylm.compress.config import DistillConfig
 from raylm.errors import ConfigError, InputError
-from raylm.model.artifact import load_model, read_model_meta
+from raylm.model.artifact import TOKENIZER, load_model, read_model_meta
 from raylm.model.gpt import GPTConfig
-from raylm.tokenize.shards import read_token_meta
+from raylm.tokenize.shards import check_same_tokenizer, read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer, fit_to_output, ray_storage, stage_config
 
@@ -112,6 +113,7 @@ def student_model_config(dc: DistillConfig, teacher: GPTConfig) -> GPTConfig:
 
 def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
     meta = read_token_meta(dc.data)
+    check_same_tokenizer(meta, Path(dc.teacher) / TOKENIZER, "the teacher")
     if teacher.vocab_size < meta.vocab_size:
         raise InputError(
             f"{dc.teacher}: teacher vocab_size {teacher.vocab_size} < the token data's {meta.vocab_size} ({dc.data})"

@@ -37,19 +37,16 @@ from raylm.evaluate.speed import decode_speed
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
 from raylm.model.gpt import GPTConfig
 from raylm.model.quantized import count_parameters
-from raylm.tokenize.shards import TokenMeta, read_split_numpy, read_token_meta
+from raylm.tokenize.shards import TokenMeta, check_same_tokenizer, read_split_numpy, read_token_meta
 
 RESULTS, TABLE = "results.json", "table.txt"
 
 
 def check_inputs(ecfg: EvaluateConfig) -> TokenMeta:
     """Fail before any work when the data or a model is missing or cannot be scored on this data."""
-    from tokenizers import Tokenizer
-
     meta = read_token_meta(ecfg.data)
     if meta.num_sequences.get("validation", 0) < 1:
         raise InputError(f"{meta.split_dir('validation')}: no validation sequences to score")
-    data_vocab = Tokenizer.from_file(str(meta.tokenizer_file)).get_vocab()
     speed_tokens = ecfg.speed_prompt_tokens + ecfg.speed_new_tokens
     for name, path in ecfg.models.items():
         p = Path(path)
@@ -60,8 +57,7 @@ def check_inputs(ecfg: EvaluateConfig) -> TokenMeta:
             raise InputError(f"{p}: model {name!r} has no {WEIGHTS}")
         if meta.seq_len > cfg.block_size:
             raise InputError(f"{p}: model {name!r} attends over {cfg.block_size} tokens, the data's sequences have {meta.seq_len}")
-        if Tokenizer.from_file(str(p / TOKENIZER)).get_vocab() != data_vocab:
-            raise InputError(f"{p / TOKENIZER}: model {name!r} has another tokenizer than {meta.tokenizer_file}")
+        check_same_tokenizer(meta, p / TOKENIZER, f"model {name!r}")
         if speed_tokens > cfg.block_size:
             raise ConfigError(
                 f"evaluate.speed_prompt_tokens + evaluate.speed_new_tokens = {speed_tokens} exceeds "

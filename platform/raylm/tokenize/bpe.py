@@ -81,7 +81,7 @@ def eos_token_id(tokenizer: Tokenizer, special_tokens: Iterable[str]) -> int:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """A saved tokenizer: `path` is a tokenizer.json file or a directory holding one."""
+    """A saved tokenizer: a tokenizer.json file, or a directory holding one."""
     p = Path(path)
     if p.is_dir():
         p = p / TOKENIZER_FILE
@@ -91,3 +91,38 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return Tokenizer.from_file(str(p))
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
         raise InputError(f"{p}: not a `tokenizers` tokenizer file ({str(e).splitlines()[0] if str(e) else e})") from None
+
+
+VOCAB_MERGES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
+"""GPT-2 style byte-level BPE files: the Hugging Face names, then OpenAI's original names."""
+
+
+def load_existing_tokenizer(path: str | os.PathLike, special_tokens: Iterable[str]) -> Tokenizer:
+    """An existing byte-level BPE for the tokenize stage, with the configured special tokens.
+
+    `path`: a tokenizer.json file; or a directory holding tokenizer.json, or vocab.json +
+    merges.txt, or encoder.json + vocab.bpe (GPT-2's own files). Special tokens already in
+    the vocabulary keep their ids (GPT-2's <|endoftext|> stays 50256); missing ones are
+    added after the vocabulary.
+    """
+    p = Path(path)
+    pair = next(((p / v, p / m) for v, m in VOCAB_MERGES if (p / v).is_file() and (p / m).is_file()), None)
+    if p.is_dir() and not (p / TOKENIZER_FILE).is_file() and pair is not None:
+        vocab, merges = pair
+        tokenizer = new_tokenizer()
+        try:
+            tokenizer.model = models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:  # a bare Exception from tokenizers on malformed files
+            raise InputError(f"{vocab}, {merges}: not GPT-2 style BPE files ({str(e).splitlines()[0] if str(e) else e})") from None
+    elif p.is_dir() and not (p / TOKENIZER_FILE).is_file():
+        names = ", ".join([TOKENIZER_FILE] + [f"{v} + {m}" for v, m in VOCAB_MERGES])
+        raise InputError(f"{p}: no tokenizer in this directory (looked for {names})")
+    else:
+        tokenizer = load_tokenizer(p)
+    tokenizer.add_special_tokens(list(special_tokens))
+    return tokenizer
+
+
+def vocab_size_of(tokenizer: Tokenizer) -> int:
+    """Ids the tokenizer can produce: one more than the largest id (added tokens included)."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1

@@ -13,6 +13,10 @@ class TokenizeConfig(ConfigSection):
     """The prepare stage's output directory (train/ and validation/ Parquet shards)."""
     output: str
     """Directory for tokenizer.json, the packed token shards (train/, validation/) and manifest.json."""
+    tokenizer: str | None = None
+    """Use this existing tokenizer instead of training one: a tokenizer.json file, or a directory holding
+    tokenizer.json, or GPT-2 style vocab.json + merges.txt (or GPT-2's own encoder.json + vocab.bpe).
+    Special tokens it lacks are added after its vocabulary; vocab_size and min_frequency are then unused."""
     vocab_size: int = Field(4096, ge=260)
     """Size of the byte-level BPE vocabulary, special tokens included (at least 256 bytes + the special tokens)."""
     min_frequency: int = Field(2, ge=1)
@@ -29,8 +33,11 @@ class TokenizeConfig(ConfigSection):
     """Encoding actors (Ray Data actor pool size); each loads the tokenizer once."""
     encode_cpus_per_actor: int = Field(1, ge=1)
     """CPUs each encoding actor reserves; also its `tokenizers` thread count (RAYON_NUM_THREADS)."""
+    max_piece_chars: int = Field(65536, ge=64)
+    """Documents longer than this many characters are cut (at whitespace) into pieces encoded as separate
+    rows, so one huge document cannot stall an actor; the ids are the same as the whole document's."""
     shard_rows: int = Field(8192, ge=1)
-    """Packed sequences per Parquet shard file."""
+    """Packed sequences per .npy shard file."""
 
     @model_validator(mode="after")
     def _needs_separator(self):

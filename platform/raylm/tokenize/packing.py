@@ -109,3 +109,10 @@ def pack_documents(
     packer = SequencePacker(seq_len, dtype)
     rows = packer.add(stream)
     return rows, packer.dropped_tokens
+
+
+def packed_split(docs_ids: Iterable[Sequence[int]], eos_id: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, document starts) of a whole split at once, as shards.write_token_data takes them (tests, small data)."""
+    stream, offsets = join_documents(list(docs_ids), eos_id, np.dtype(np.int64))
+    rows, _ = cut_rows(stream, seq_len)
+    return rows, offsets[:-1]

@@ -1,18 +1,21 @@
-"""The tokenize stage: train a byte-level BPE on the train split, encode both splits, pack token shards.
+"""The tokenize stage: train (or load) a byte-level BPE, encode both splits, pack token shards.
 
     prepared/{train,validation}/*.parquet (id, text)
-        ──Ray Data iter_batches──▶ BpeTrainer (driver)              ──▶ tokens/tokenizer.json
-        ──Ray Data map_batches (actor pool, encode_batch)──▶ ids in input order
-        ──driver: SequencePacker + RowBatcher──▶ tokens/{train,validation}/part-NNNNN.parquet
+        ──Ray Data iter_batches──▶ BpeTrainer (driver), or tokenize.tokenizer   ──▶ tokens/tokenizer.json
+        ──Ray Data: long documents cut into pieces, map_batches (actor pool, encode_batch)──▶ ids in input order
+        ──driver: SequencePacker + RowBatcher──▶ tokens/{train,validation}/part-NNNNN.npy
+                                                 tokens/doc_starts/{train,validation}.npy
 
 Encoding runs in parallel with the input order preserved, and one streaming packer on the
 driver cuts the ordered stream into rows, so the shards are the same bytes on every run,
 whatever the number of actors or the block sizes.
 
-Manifest stats: the TokenMeta fields (shards.py), then per split `documents`, `tokens`
-(separators included), `dropped_tokens` (the tail shorter than a row) and `shards`; and
-`tokenizer_documents`, `tokenizer_seconds`, `encode_seconds`, `tokens_per_s` (tokens encoded
-and packed per second of the encode pass, actor start-up included).
+The format is shards.py's (version 2). Manifest stats: the TokenMeta fields, then per split
+`documents`, `tokens` (separators included), `dropped_tokens` (the tail shorter than a row),
+`shards` and `pieces` (rows encoded: documents plus the extra pieces of long ones); and
+`tokenizer` (trained, or the path loaded), `tokenizer_documents`, `tokenizer_seconds`,
+`encode_seconds`, `tokens_per_s` (tokens encoded and packed per second of the encode pass,
+actor start-up included).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from raylm.artifacts import require_stage_output, stage_output
 from raylm.config import RaylmConfig
 from raylm.errors import InputError
-from raylm.tokenize.bpe import TOKENIZER_FILE, check_vocab_size, eos_token_id, train_tokenizer
+from raylm.tokenize.bpe import (
+    TOKENIZER_FILE, check_vocab_size, eos_token_id, load_existing_tokenizer, train_tokenizer, vocab_size_of,
+)
 from raylm.tokenize.config import TokenizeConfig
-from raylm.tokenize.encode import TEXT_COLUMN, EncodeDocuments, block_stream
+from raylm.tokenize.encode import TEXT_COLUMN, EncodeDocuments, block_document_ends, block_stream, split_long_documents
 from raylm.tokenize.packing import RowBatcher, SequencePacker
-from raylm.tokenize.shards import SPLITS, TokenMeta, token_dtype, write_token_shard
+from raylm.tokenize.shards import DOC_STARTS_DIR, SPLITS, TokenMeta, shard_name, token_dtype, vocab_hash
 
 log = logging.getLogger(__name__)
 TRAIN_BATCH_DOCS = 1024  # documents per batch streamed into the BPE trainer
@@ -44,13 +49,19 @@ TRAIN_BATCH_DOCS = 1024  # documents per batch streamed into the BPE trainer
 def run_tokenize(cfg: RaylmConfig) -> dict:
     """Train the tokenizer, encode and pack both splits of `cfg.tokenize.input`; returns a JSON-able summary."""
     tc = cfg.tokenize
-    check_vocab_size(tc.vocab_size, tc.special_tokens)
+    if tc.tokenizer is None:
+        check_vocab_size(tc.vocab_size, tc.special_tokens)
     require_stage_output(tc.input, "prepare")
     inputs = {split: split_files(tc.input, split) for split in SPLITS}
     num_docs = {split: count_documents(files) for split, files in inputs.items()}
-    if num_docs["train"] == 0:
-        raise InputError(f"{Path(tc.input) / 'train'}: the train split has no documents")
-    with stage_output(tc.output, "tokenize", tc, inputs=[tc.input], overwrite=cfg.run.overwrite) as out:
+    for split, n in num_docs.items():
+        if n == 0:
+            raise InputError(
+                f"{Path(tc.input) / split}: the {split} split has no documents"
+                + (" (prepare.validation_fraction may be 0 or too small for this corpus)" if split == "validation" else "")
+            )
+    extra_inputs = [tc.tokenizer] if tc.tokenizer else []
+    with stage_output(tc.output, "tokenize", tc, inputs=[tc.input, *extra_inputs], overwrite=cfg.run.overwrite) as out:
         if out.done:
             return _summary(out.path, out.manifest.get("stats", {}), reused=True)
         _ensure_ray(cfg)
@@ -112,11 +123,14 @@ def _text_batches(tc: TokenizeConfig, files: list[str], counter: list[int]) -> I
 
 
 def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, eos_id: int, dtype: np.dtype):
-    """Blocks of encoded documents (an `ids` list column), in the order of `files` and of rows within them."""
+    """Blocks of encoded pieces (`ids` list and `last` columns), in the order of `files` and of rows within them."""
     import ray
 
+    pieces = _ordered_texts(files).map_batches(
+        split_long_documents, fn_kwargs={"max_chars": tc.max_piece_chars}, batch_size=None, batch_format="pyarrow"
+    )
     # One block per batch, so every actor gets work even when the read yields a few large blocks.
-    texts = _ordered_texts(files).repartition(target_num_rows_per_block=tc.batch_size)
+    texts = pieces.repartition(target_num_rows_per_block=tc.batch_size)
     ds = texts.map_batches(
         EncodeDocuments,
         fn_constructor_kwargs={
@@ -134,28 +148,43 @@ def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, e
 
 
 class SplitWriter:
-    """Packs one split's token stream and writes its shards as part-00000.parquet, part-00001.parquet, ..."""
+    """Packs one split's token stream into part-00000.npy, part-00001.npy, ... and indexes its documents."""
 
-    def __init__(self, out_dir: Path, seq_len: int, shard_rows: int, dtype: np.dtype):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.out_dir = out_dir
+    def __init__(self, out: Path, split: str, num_docs: int, seq_len: int, shard_rows: int, dtype: np.dtype):
+        self.out_dir = out / split
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (out / DOC_STARTS_DIR).mkdir(exist_ok=True)
         self.packer = SequencePacker(seq_len, dtype)
         self.batcher = RowBatcher(shard_rows, seq_len + 1, dtype)
+        # Every document's start in the split's stream, filled as the documents arrive.
+        self.starts = np.lib.format.open_memmap(out / DOC_STARTS_DIR / f"{split}.npy", "w+", np.int64, (num_docs,))
+        self._next_start = 0  # where the next document starts in the stream
         self.documents = 0
+        self.pieces = 0
         self.shards = 0
 
     def add(self, block: pa.Table) -> None:
-        """Pack a block of encoded documents; write every shard it completes."""
-        self.documents += block.num_rows
+        """Pack a block of encoded pieces; write every shard it completes."""
+        stream_pos = self.packer.tokens_in
+        ends = block_document_ends(block)
+        if len(ends):  # a document starts at the split's start and after each document's end but the last
+            starts = np.concatenate([[self._next_start], stream_pos + ends[:-1]])
+            self.starts[self.documents : self.documents + len(ends)] = starts
+            self._next_start = stream_pos + ends[-1]
+        self.documents += len(ends)
+        self.pieces += block.num_rows
         for rows in self.batcher.add(self.packer.add(block_stream(block))):
             self._write(rows)
 
     def close(self) -> dict:
-        """Write the last, short shard; return the split's counts."""
+        """Write the last, short shard and the document index; return the split's counts."""
         for rows in self.batcher.flush():
             self._write(rows)
+        self.starts.flush()
+        del self.starts
         return {
             "documents": self.documents,
+            "pieces": self.pieces,
             "tokens": self.packer.tokens_in,
             "sequences": self.packer.rows_out,
             "dropped_tokens": self.packer.dropped_tokens,
@@ -163,7 +192,7 @@ class SplitWriter:
         }
 
     def _write(self, rows: np.ndarray) -> None:
-        write_token_shard(self.out_dir / f"part-{self.shards:05d}.parquet", rows)
+        np.save(self.out_dir / shard_name(self.shards), rows, allow_pickle=False)
         self.shards += 1
 
 
@@ -176,49 +205,65 @@ def _encode_and_pack(
     The splits' files are read one split after the other, so the first num_docs["train"] encoded
     documents are the train split and the rest validation: blocks are routed by document count.
     """
-    writers = {split: SplitWriter(out / split, tc.seq_len, tc.shard_rows, dtype) for split in SPLITS}
+    writers = {split: SplitWriter(out, split, num_docs[split], tc.seq_len, tc.shard_rows, dtype) for split in SPLITS}
     files = [f for split in SPLITS for f in inputs[split]]
     bounds = np.cumsum([0] + [num_docs[split] for split in SPLITS])
     ranges = {split: (bounds[i], bounds[i + 1]) for i, split in enumerate(SPLITS)}  # document indices of each split
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeElapsedColumn())
-    seen = 0
+    seen = 0  # documents routed so far; a block's rows are pieces, and a document's last piece counts it
     with Progress(*columns, console=Console(stderr=True)) as progress:
         tasks = {split: progress.add_task(f"encode + pack {split}", total=num_docs[split]) for split in SPLITS}
         for block in _encoded_blocks(tc, files, tokenizer_json, eos_id, dtype):
-            for split, (lo, hi) in ranges.items():
-                first, end = max(lo, seen), min(hi, seen + block.num_rows)
-                if first < end:
-                    writers[split].add(block.slice(first - seen, end - first))
-                    progress.update(tasks[split], advance=end - first)
-            seen += block.num_rows
-    if seen != bounds[-1]:
+            for piece_rows, split in _route(block, seen, ranges):
+                writers[split].add(piece_rows)
+                progress.update(tasks[split], advance=int(np.count_nonzero(piece_rows.column("last"))))
+            seen += int(np.count_nonzero(block.column("last")))
+    if seen != bounds[-1] or any(w.documents != num_docs[s] for s, w in writers.items()):
         raise InputError(f"{tc.input}: changed while being read ({bounds[-1]} documents expected, {seen} read)")
     counts = {split: writer.close() for split, writer in writers.items()}
     for split, c in counts.items():
         if c["sequences"] == 0:
-            log.warning("tokenize: the %s split (%d documents, %d tokens) fills no sequence of %d tokens",
-                        split, c["documents"], c["tokens"], tc.seq_len + 1)
+            raise InputError(
+                f"{Path(tc.input) / split}: the {split} split's {c['documents']} documents hold {c['tokens']} tokens, "
+                f"too few for one sequence of tokenize.seq_len + 1 = {tc.seq_len + 1}; lower seq_len or add documents"
+            )
     return counts
+
+
+def _route(block: pa.Table, seen: int, ranges: dict[str, tuple[int, int]]):
+    """(rows, split) parts of a block of pieces whose first piece belongs to document number `seen`.
+
+    A document's pieces all belong to its split; split boundaries fall after a document's last piece.
+    """
+    last = block.column("last").to_numpy(zero_copy_only=False).astype(bool)
+    doc_of_row = seen + np.concatenate([[0], np.cumsum(last)[:-1]])  # document number of every piece
+    for split, (lo, hi) in ranges.items():
+        rows = np.flatnonzero((doc_of_row >= lo) & (doc_of_row < hi))
+        if len(rows):
+            yield block.slice(int(rows[0]), int(rows[-1]) - int(rows[0]) + 1), split
 
 
 def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[str, int], out: Path) -> dict:
     """The stage's work, writing into the temporary output directory `out`; returns the manifest stats."""
     t0 = time.perf_counter()
     trained_on = [0]
-    sample = min(num_docs["train"], tc.tokenizer_sample_docs or num_docs["train"])
-    tokenizer = train_tokenizer(
-        _text_batches(tc, inputs["train"], trained_on),
-        vocab_size=tc.vocab_size,
-        min_frequency=tc.min_frequency,
-        special_tokens=tc.special_tokens,
-        num_documents=sample,
-    )
+    if tc.tokenizer is not None:
+        tokenizer = load_existing_tokenizer(tc.tokenizer, tc.special_tokens)
+    else:
+        sample = min(num_docs["train"], tc.tokenizer_sample_docs or num_docs["train"])
+        tokenizer = train_tokenizer(
+            _text_batches(tc, inputs["train"], trained_on),
+            vocab_size=tc.vocab_size,
+            min_frequency=tc.min_frequency,
+            special_tokens=tc.special_tokens,
+            num_documents=sample,
+        )
     tokenizer.save(str(out / TOKENIZER_FILE))
     tokenizer_s = time.perf_counter() - t0
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    vocab_size = vocab_size_of(tokenizer)
     eos_id = eos_token_id(tokenizer, tc.special_tokens)
     dtype = token_dtype(vocab_size)
-    tokenizer_json = tokenizer.to_str()
+    tokenizer_json = (out / TOKENIZER_FILE).read_text()
 
     t1 = time.perf_counter()
     counts = _encode_and_pack(tc, inputs, num_docs, tokenizer_json, eos_id, dtype, out)
@@ -227,7 +272,7 @@ def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[s
 
     meta = TokenMeta(
         path=out, vocab_size=vocab_size, seq_len=tc.seq_len, eos_token_id=eos_id, dtype=dtype.name,
-        num_sequences={s: counts[s]["sequences"] for s in SPLITS},
+        num_sequences={s: counts[s]["sequences"] for s in SPLITS}, vocab_hash=vocab_hash(tokenizer_json),
     )
     per_split = lambda key: {s: counts[s][key] for s in SPLITS}  # noqa: E731
     return meta.to_stats() | {
@@ -235,6 +280,8 @@ def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[s
         "tokens": per_split("tokens"),
         "dropped_tokens": per_split("dropped_tokens"),
         "shards": per_split("shards"),
+        "pieces": per_split("pieces"),
+        "tokenizer": str(tc.tokenizer) if tc.tokenizer else "trained",
         "tokenizer_documents": trained_on[0],
         "tokenizer_seconds": round(tokenizer_s, 3),
         "encode_seconds": round(encode_s, 3),

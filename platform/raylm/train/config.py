@@ -17,6 +17,8 @@ class ModelConfig(ConfigSection):
     d_model: int | None = Field(None, ge=8)
     """Overrides the preset's width."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    block_size: int | None = Field(None, ge=8)
+    """The model's context in tokens; unset: the token data's seq_len. Must be at least that seq_len."""
 
     @model_validator(mode="after")
     def _known_preset(self):
@@ -37,7 +39,7 @@ class ModelConfig(ConfigSection):
             d_model=self.d_model,
             dropout=self.dropout,
             vocab_size=vocab_size,
-            block_size=block_size,
+            block_size=self.block_size or block_size,
         )
 
 
@@ -88,8 +90,10 @@ class TrainConfig(ConfigSection):
     micro_batch_size x grad_accum_steps x data-parallel size, checked before any worker starts."""
     max_steps: int = Field(100, ge=1)
     """Optimizer steps to train for."""
-    shuffle_buffer_sequences: int = Field(1024, ge=0)
-    """Each worker shuffles its sequences within a buffer of this many (0: read in file order)."""
+    shuffle: bool = True
+    """Shuffle the training sequences globally, a new order every epoch, drawn from run.seed (false: file order)."""
+    prefetch_batches: int = Field(4, ge=0)
+    """Micro-batches each worker's Ray Data stream reads ahead of the training step."""
     log_interval_steps: int = Field(10, ge=1)
     """Training loss, learning rate and tokens/s are printed and recorded every this many steps."""
     eval_interval_steps: int = Field(50, ge=1)

@@ -6,11 +6,17 @@ Every `eval_interval_steps` and `checkpoint_interval_steps` (and at the end) all
 evaluate and call `ray.train.report`; at checkpoint steps each rank also saves its part
 of a DeepSpeed checkpoint, and Ray merges the parts into one checkpoint directory:
 
-    <checkpoint>/deepspeed/latest, step<N>/...   engine.save_checkpoint, every rank's files
+    <checkpoint>/deepspeed/latest, step<N>/...   engine.save_checkpoint, every rank's files;
+                                                 client_state: step, data position, sample checksum
     <checkpoint>/state.json                      step, model config, metrics history (rank 0)
     <checkpoint>/model/                          final checkpoint only: the exported raylm-gpt model
     <checkpoint>/export_probe.safetensors        final checkpoint only: logits of the trained engine on
                                                  one validation row, to check the export against
+
+Data: each rank streams its data-parallel share through Ray Data (raylm.tokenize.ingest),
+in an order fixed by the seed, so a resumed run continues at the checkpoint's data position.
+Ray Train's own dataset split is not used: it hands blocks to whichever rank asks first, so
+neither an exact resume position nor the pairing of pipeline stages would hold.
 
 The loss is pluggable (`LoopSpec.loss_hook`), so distillation runs this same loop.
 Everything a worker needs arrives in its `LoopSpec`; nothing is read from module globals.
@@ -29,12 +35,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from raylm.errors import InputError
 from raylm.model.gpt import GPT, GPTConfig
+from raylm.tokenize.ingest import DataPosition, SequenceOrder, TokenStream, sample_checksum
+from raylm.tokenize.shards import read_token_meta
+from raylm.train.topology import rank_coords
 from raylm.train.config import OptimizerConfig, TrainConfig
 from raylm.train.metrics import TrainLog, perplexity, progress_line
 
@@ -127,18 +136,23 @@ def train_loop_per_worker(config: dict) -> None:
         torch.cuda.set_device(device)
 
     engine, scheduler, num_params = _build_engine(spec)
-    start_step, history = _restore(engine, spec)
+    coords = rank_coords(rank, world, pipeline_stages=1)
+    meta = read_token_meta(cfg.data)
+    order = SequenceOrder(meta.num_sequences["train"], cfg.micro_batch_size, coords.dp_size, spec.seed, cfg.shuffle)
+    start_step, history, data = _restore(engine, spec, order)
     torch.manual_seed(spec.seed + 1 + rank + 7919 * start_step)  # dropout differs per rank and per restart
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     loss_fn = spec.loss_hook.build(device, dtype) if spec.loss_hook is not None else lm_loss
-    val_batches = _validation_batches(ray.train.get_dataset_shard("validation"), cfg, device)
-    train_batches = _train_batches(ray.train.get_dataset_shard("train"), cfg, spec.seed + rank, device)
+    val_batches = _validation_batches(cfg, meta.num_sequences["validation"], coords, device)
+    stream = TokenStream(cfg.data, "train", order, coords.dp_rank, prefetch_batches=cfg.prefetch_batches)
+    train_batches = stream.iter_torch(data.position, device)
     log = TrainLog(spec.run_name, history, spec.tensorboard_dir) if rank == 0 else None
     if rank == 0:
         logger.info(
             f"[raylm] {spec.run_name}: {num_params:,} params, {world} workers,"
-            f" ZeRO {cfg.zero_stage}, {cfg.precision}, steps {start_step}->{cfg.max_steps}"
+            f" ZeRO {cfg.zero_stage}, {cfg.precision}, steps {start_step}->{cfg.max_steps},"
+            f" data from epoch {data.position.epoch} batch {data.position.batch} of {order.batches_per_epoch}"
         )
 
     seq_len = int(val_batches[0].size(1) - 1)
@@ -149,7 +163,11 @@ def train_loop_per_worker(config: dict) -> None:
     last_logged = next(({k: v for k, v in h.items() if k != "step"} for h in reversed(history) if "loss" in h), {})
     for step in range(start_step + 1, cfg.max_steps + 1):
         for _ in range(cfg.grad_accum_steps):
-            inputs, targets = _shift(next(train_batches))
+            waited = time.perf_counter()
+            tokens, indices, position = next(train_batches)
+            window.data_wait += time.perf_counter() - waited
+            data.consume(indices, position)
+            inputs, targets = _shift(tokens)
             loss, parts = loss_fn(engine, inputs, targets)
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer and scheduler only at accumulation boundaries
@@ -163,12 +181,39 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.info(f"[raylm] {progress_line(step, cfg.max_steps, last_logged)}")
         if report and not final:
             checkpoint = step % cfg.checkpoint_interval_steps == 0
-            _report(engine, spec, step, start_step, last_logged, val_batches, log, started, checkpoint=checkpoint)
+            _report(engine, spec, step, start_step, last_logged, val_batches, log, started, data, checkpoint=checkpoint)
             window.started = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+            window.data_wait = 0.0
     final_step = max(cfg.max_steps, start_step)
-    _report(engine, spec, final_step, start_step, last_logged, val_batches, log, started, checkpoint=True, export=True)
+    _report(engine, spec, final_step, start_step, last_logged, val_batches, log, started, data, checkpoint=True, export=True)
     if log is not None:
         log.close()
+
+
+@dataclass
+class _DataState:
+    """Where this rank's data stream stands, and a checksum of every sample it has trained on."""
+
+    position: DataPosition
+    order: SequenceOrder
+    checksum: int = 0
+
+    def consume(self, indices: torch.Tensor, position: DataPosition) -> None:
+        self.checksum = (self.checksum + sample_checksum(indices.cpu().numpy(), self.position.epoch)) % (2**61 - 1)
+        self.position = position
+
+    def client_state(self) -> dict:
+        return {
+            "data_position": self.position.to_dict(),
+            "sample_checksum": self.checksum,
+            "data_order": _order_key(self.order),
+        }
+
+
+def _order_key(order: SequenceOrder) -> dict:
+    """What must not change between a checkpoint and its resumption for the data position to mean the same."""
+    return {"num_sequences": order.num_sequences, "micro_batch_size": order.micro_batch_size,
+            "dp_size": order.dp_size, "seed": order.seed, "shuffle": order.shuffle}  # fmt: skip
 
 
 def _build_engine(spec: LoopSpec):
@@ -195,11 +240,13 @@ class _Window:
     def __init__(self, device: torch.device, grad_accum_steps: int):
         self.device = device
         self.grad_accum_steps = grad_accum_steps
+        self.run_wait = self.run_seconds = 0.0  # over every window of this run (this process)
         self._reset()
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.micro_steps = 0
+        self.data_wait = 0.0  # seconds spent waiting for the next micro-batch
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
@@ -216,9 +263,20 @@ class _Window:
         totals = torch.stack([self.sums[k] for k in keys] + [count]).to(self.device, torch.float64)
         dist.all_reduce(totals)  # (len(keys) + 1,): summed over ranks
         seconds = max(time.perf_counter() - self.started, 1e-9)
+        self.run_wait += self.data_wait
+        self.run_seconds += seconds
+        wait = torch.tensor([self.data_wait / seconds, self.run_wait / self.run_seconds], device=self.device,
+                            dtype=torch.float64)  # fmt: skip
+        dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the rank that waited longest
         steps = max(self.micro_steps / self.grad_accum_steps, 1e-9)  # every rank ran the same micro-steps
         values = {k: float(totals[i] / totals[-1]) for i, k in enumerate(keys)}
-        values.update(lr=float(lr), step_time_s=seconds / steps, tokens_per_s=tokens_per_step * steps / seconds)
+        values.update(
+            lr=float(lr),
+            step_time_s=seconds / steps,
+            tokens_per_s=tokens_per_step * steps / seconds,
+            data_wait_frac=float(wait[0]),
+            run_data_wait_frac=float(wait[1]),
+        )
         self._reset()
         return values
 
@@ -228,46 +286,16 @@ def _shift(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
-def _train_batches(shard, cfg: TrainConfig, seed: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """Endless (micro_batch_size, seq_len + 1) int64 batches from this worker's shard, epoch after epoch."""
-    buffer = max(cfg.shuffle_buffer_sequences, cfg.micro_batch_size) if cfg.shuffle_buffer_sequences else None
-    epoch = 0
-    while True:
-        count = 0
-        for batch in shard.iter_torch_batches(
-            batch_size=cfg.micro_batch_size,
-            dtypes=torch.int64,
-            device=device,
-            drop_last=True,  # every rank runs the same number of steps (shards hold equal row counts)
-            local_shuffle_buffer_size=buffer,
-            local_shuffle_seed=seed + 1000 * epoch if buffer else None,
-        ):
-            count += 1
-            yield batch["tokens"]
-        if count == 0:
-            raise InputError(
-                f"{cfg.data}/train: fewer than micro_batch_size={cfg.micro_batch_size} sequences per worker"
-            )
-        epoch += 1
+def _validation_batches(cfg: TrainConfig, num_sequences: int, coords, device: torch.device) -> list[torch.Tensor]:
+    """This rank's validation batches: the first `eval_batches` of the split in file order, read once and reused.
 
-
-def _validation_batches(shard, cfg: TrainConfig, device: torch.device) -> list[torch.Tensor]:
-    """This worker's validation batches (at most `eval_batches`), kept in memory and reused.
-
-    All ranks keep the same number (the minimum over ranks): under ZeRO-3 every forward pass is a collective.
+    Every rank gets the same number (under ZeRO-3 every forward pass is a collective).
     """
-    import torch.distributed as dist
-
-    # The driver limits the validation dataset to eval_batches per worker: read the shard to its end.
-    batches = [
-        batch["tokens"]
-        for batch in shard.iter_torch_batches(batch_size=cfg.micro_batch_size, dtypes=torch.int64, device=device)
-    ][: cfg.eval_batches]
-    count = torch.tensor([len(batches)], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MIN)
-    if int(count) == 0:
-        raise InputError(f"{cfg.data}/validation: a worker got no validation sequences")
-    return batches[: int(count)]
+    micro = max(1, min(cfg.micro_batch_size, num_sequences // coords.dp_size))
+    order = SequenceOrder(num_sequences, micro, coords.dp_size, seed=0, shuffle=False)
+    stream = TokenStream(cfg.data, "validation", order, coords.dp_rank)
+    count = min(cfg.eval_batches, order.batches_per_epoch)
+    return [torch.from_numpy(b).to(device) for b in stream.numpy_batches(epoch=0, count=count)]
 
 
 @torch.no_grad()
@@ -297,6 +325,7 @@ def _report(
     val_batches: list[torch.Tensor],
     log: TrainLog | None,
     started: float,
+    data: _DataState,
     *,
     checkpoint: bool,
     export: bool = False,
@@ -317,15 +346,19 @@ def _report(
         "step_time_s": train_values.get("step_time_s", float("nan")),
         **{k: v for k, v in train_values.items() if k in ("ce", "kl")},
         **evaluation,
+        "data_wait_frac": train_values.get("data_wait_frac", float("nan")),
+        "run_data_wait_frac": train_values.get("run_data_wait_frac", float("nan")),
         "elapsed_s": time.perf_counter() - started,
         "start_step": start_step,  # > 0: this run resumed from a checkpoint at that step
+        "epoch": data.position.epoch,
+        "sample_checksum": _global_checksum(data.checksum),
     }
     if not checkpoint:
         ray.train.report(metrics)
         return
     directory = Path(tempfile.mkdtemp(prefix="raylm-checkpoint-"))
     try:
-        _save(engine, spec, step, log, directory)
+        _save(engine, spec, step, log, directory, data)
         if export:
             _export(engine, spec, step, _shift(val_batches[0][:1])[0], directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
@@ -333,21 +366,31 @@ def _report(
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _save(engine, spec: LoopSpec, step: int, log: TrainLog | None, directory: Path) -> None:
-    """This rank's part of the DeepSpeed checkpoint; rank 0 adds state.json."""
-    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state={"step": step})
+def _global_checksum(checksum: int) -> int:
+    """The sample checksums of all ranks combined (a sum mod 2**61 - 1, as each rank's)."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, checksum)
+    return sum(parts) % (2**61 - 1)
+
+
+def _save(engine, spec: LoopSpec, step: int, log: TrainLog | None, directory: Path, data: _DataState) -> None:
+    """This rank's part of the DeepSpeed checkpoint (with its data position); rank 0 adds state.json."""
+    client_state = {"step": step, **data.client_state()}
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state=client_state)
     if log is not None:
         state = {"step": step, "model": spec.model, "history": log.history}
         (directory / STATE_FILE).write_text(json.dumps(state))
 
 
-def _restore(engine, spec: LoopSpec) -> tuple[int, list[dict]]:
-    """(step, metrics history) of the checkpoint Ray Train hands this run, or (0, []) for a fresh start."""
+def _restore(engine, spec: LoopSpec, order: SequenceOrder) -> tuple[int, list[dict], _DataState]:
+    """(step, metrics history, data state) of the checkpoint Ray Train hands this run, or a fresh start."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0, []
+        return 0, [], _DataState(DataPosition(), order)
     with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
         if state["model"] != spec.model:
@@ -358,7 +401,16 @@ def _restore(engine, spec: LoopSpec) -> tuple[int, list[dict]]:
         path, client_state = engine.load_checkpoint(str(Path(d) / DEEPSPEED_DIR))
         if path is None:
             raise InputError(f"{checkpoint.path}: DeepSpeed could not load the checkpoint")
-    return int(client_state["step"]), list(state["history"])
+    saved_order = client_state["data_order"]
+    current = _order_key(order)
+    if saved_order != current:
+        raise InputError(
+            f"{checkpoint.path}: the checkpoint's data order {saved_order} differs from this run's {current}; "
+            "resuming would repeat or skip samples (keep micro_batch_size, num_workers, seed and the data)"
+        )
+    position = DataPosition(**client_state["data_position"])
+    data = _DataState(position, order, int(client_state["sample_checksum"]))
+    return int(client_state["step"]), list(state["history"]), data
 
 
 def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: Path) -> None:

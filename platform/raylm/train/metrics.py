@@ -59,6 +59,7 @@ def _ray_gauges() -> dict:
         "val_loss": "validation cross-entropy",
         "lr": "learning rate",
         "tokens_per_s": "training throughput over all workers",
+        "data_wait_frac": "fraction of step time the slowest-fed worker waited for data",
     }
     try:
         return {k: Gauge(f"raylm_train_{k}", description=d, tag_keys=("run",)) for k, d in names.items()}
@@ -79,6 +80,8 @@ def progress_line(step: int, max_steps: int, values: dict) -> str:
         parts.append(f"{values['tokens_per_s']:,.0f} tok/s")
     if "step_time_s" in values:
         parts.append(f"{values['step_time_s']:.3f} s/step")
+    if "data_wait_frac" in values:
+        parts.append(f"data wait {100 * values['data_wait_frac']:.1f}%")
     if "val_loss" in values:
         parts.append(f"val_loss {values['val_loss']:.4f} val_ppl {values['val_ppl']:.2f}")
     return " ".join(parts)

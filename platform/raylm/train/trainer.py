@@ -57,7 +57,10 @@ def _check_data(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig) -> None
             f" need at least one per worker ({train_cfg.num_workers})"
         )
     if gpt.block_size < meta.seq_len:
-        raise InputError(f"{meta.path}: seq_len {meta.seq_len} exceeds the model's block_size {gpt.block_size}")
+        raise InputError(
+            f"{meta.path}: sequences of {meta.seq_len} tokens (tokenize.seq_len) exceed the model's context of "
+            f"{gpt.block_size} (model.block_size); tokenize with a seq_len of at most {gpt.block_size} or widen the context"
+        )
     if gpt.vocab_size < meta.vocab_size:
         raise InputError(f"{meta.path}: vocab_size {meta.vocab_size} exceeds the model's vocab_size {gpt.vocab_size}")
 
@@ -87,7 +90,6 @@ def build_trainer(
     section: config section named in errors ("train", "distill").
     """
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -96,6 +98,8 @@ def build_trainer(
     if not ray.is_initialized():
         init_ray()
     meta = read_token_meta(train_cfg.data)
+    if "://" not in train_cfg.data:  # workers run in other directories: they get the absolute path
+        train_cfg = train_cfg.model_copy(update={"data": str(Path(train_cfg.data).resolve())})
     gpt = model or model_config(train_cfg, meta, section)
     _check_data(train_cfg, meta, gpt)
     storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
@@ -114,12 +118,6 @@ def build_trainer(
         loss_hook=loss_hook,
         export_extra=dict(export_extra or {}),
     )
-    # Only the batches evaluated are read from the validation split.
-    val_rows = train_cfg.eval_batches * train_cfg.micro_batch_size * train_cfg.num_workers
-    datasets = {
-        "train": ray.data.read_parquet(str(meta.split_dir("train").resolve())),
-        "validation": ray.data.read_parquet(str(meta.split_dir("validation").resolve())).limit(val_rows),
-    }
     worker_env = {} if train_cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
     return TorchTrainer(
         train_loop_per_worker,
@@ -138,7 +136,6 @@ def build_trainer(
             callbacks=list(callbacks),
             worker_runtime_env=worker_env,
         ),
-        datasets=datasets,
     )
 
 

@@ -1,0 +1,197 @@
+"""Training ingest: each data-parallel rank's micro-batches, streamed from the token shards through Ray Data.
+
+Which sequences a rank reads is decided by `SequenceOrder`, from numbers every rank knows:
+
+    epoch e:  perm = permutation of the split's N sequences drawn from (seed, e)   (identity when not shuffling)
+              the first B * M * D of them, as B micro-batches of M sequences for each of the D ranks:
+              micro-batch b of data-parallel rank r = perm[(b * D + r) * M : (b * D + r + 1) * M]
+
+(B = N // (M * D) batches per epoch; the N mod (M * D) left over differ from epoch to epoch.)
+Nothing depends on the world rank itself, so under pipeline parallelism every stage of one
+pipeline, which shares one data-parallel rank, gets the same micro-batches: the first stage
+its inputs, the last stage its labels.
+
+A position (epoch, batch) says how many micro-batches of the epoch every rank has consumed;
+saved with a checkpoint, it restarts the stream exactly there, so a resumed run repeats and
+skips nothing. `TokenStream` turns the order into a Ray Data pipeline per epoch (the rank's
+index chunks -> tasks gathering those rows from the memory-mapped shards, on the rank's own
+node), read ahead by Ray Data's streaming executor and `iter_torch_batches(prefetch_batches)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import numpy as np
+
+from raylm.errors import InputError
+from raylm.tokenize.shards import TokenSplit, read_token_meta
+
+INDEX_COLUMN, TOKENS_COLUMN = "index", "tokens"
+
+
+@dataclass(frozen=True)
+class DataPosition:
+    """Micro-batches consumed: `batch` of epoch `epoch`, by every data-parallel rank."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SequenceOrder:
+    """Which sequences go to which data-parallel rank, micro-batch by micro-batch, epoch after epoch."""
+
+    num_sequences: int
+    micro_batch_size: int
+    dp_size: int
+    seed: int
+    shuffle: bool = True
+
+    def __post_init__(self):
+        if self.batches_per_epoch == 0:
+            raise InputError(
+                f"{self.num_sequences} sequences are fewer than micro_batch_size x data-parallel size = "
+                f"{self.micro_batch_size} x {self.dp_size}: no rank would get a whole micro-batch"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_sequences // (self.micro_batch_size * self.dp_size)
+
+    def epoch_indices(self, epoch: int, dp_rank: int) -> np.ndarray:
+        """Sequence indices of rank `dp_rank` in `epoch`: shape (batches_per_epoch, micro_batch_size)."""
+        if not 0 <= dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {self.dp_size})")
+        n = self.batches_per_epoch * self.micro_batch_size * self.dp_size
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_sequences)[:n]
+        else:
+            order = np.arange(n, dtype=np.int64)
+        return order.reshape(self.batches_per_epoch, self.dp_size, self.micro_batch_size)[:, dp_rank]
+
+    def position_after(self, micro_batches: int) -> DataPosition:
+        """The position after `micro_batches` micro-batches from the start of epoch 0."""
+        return DataPosition(*divmod(micro_batches, self.batches_per_epoch))
+
+    def consumed(self, position: DataPosition) -> int:
+        """Micro-batches from the start of epoch 0 to `position` (inverse of position_after)."""
+        return position.epoch * self.batches_per_epoch + position.batch
+
+
+@functools.lru_cache(maxsize=8)
+def _open_split(path: str, split: str) -> TokenSplit:
+    """The memory-mapped split, opened once per process (Ray reuses worker processes across tasks)."""
+    return TokenSplit(read_token_meta(path), split)
+
+
+@functools.lru_cache(maxsize=4)
+def _rank_epoch(order: SequenceOrder, epoch: int, dp_rank: int) -> np.ndarray:
+    """order.epoch_indices, computed once per process for the tasks of one epoch."""
+    return order.epoch_indices(epoch, dp_rank)
+
+
+def gather_rows(batch: dict, *, path: str, split: str, order: SequenceOrder, dp_rank: int) -> dict:
+    """Ray Data UDF: rows (epoch, first, stop) naming runs of micro-batches -> their sequences, in order."""
+    indices = np.concatenate([
+        _rank_epoch(order, int(e), dp_rank)[int(a) : int(b)].reshape(-1)
+        for e, a, b in zip(batch["epoch"], batch["first"], batch["stop"])
+    ])  # fmt: skip
+    return {TOKENS_COLUMN: _open_split(path, split).rows(indices), INDEX_COLUMN: indices}
+
+
+class TokenStream:
+    """One data-parallel rank's endless stream of micro-batches of one split, through Ray Data.
+
+        stream = TokenStream(path, "train", order, dp_rank=r)
+        for tokens, indices, position in stream.iter_torch(start=DataPosition(), device=device):
+            ...   # tokens: (micro_batch_size, seq_len + 1) int64; position: after this batch
+
+    Runs wherever Ray is initialized (a Ray Train worker): the read tasks run on the calling
+    node (its page cache holds the memory-mapped shards) and reserve no CPU, so they never
+    wait for the CPUs the trainers hold.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: str,
+        order: SequenceOrder,
+        dp_rank: int,
+        *,
+        prefetch_batches: int = 4,
+        batches_per_task: int = 16,
+    ):
+        self.path, self.split, self.order, self.dp_rank = str(path), split, order, dp_rank
+        self.prefetch_batches = prefetch_batches
+        self.batches_per_task = batches_per_task
+
+    def epoch_dataset(self, epoch: int, first_batch: int = 0):
+        """A Ray Dataset of this rank's rows of `epoch` from micro-batch `first_batch` on, in order."""
+        import ray
+        # One task per run of batches_per_task micro-batches. from_items puts the rows in the object
+        # store without a task, so nothing here needs a CPU that the trainers might all hold.
+        bounds = range(first_batch, self.order.batches_per_epoch, self.batches_per_task)
+        runs = [{"epoch": epoch, "first": a, "stop": min(a + self.batches_per_task, self.order.batches_per_epoch)}
+                for a in bounds]  # fmt: skip
+        ds = ray.data.from_items(runs, override_num_blocks=len(runs)).map_batches(
+            gather_rows,
+            fn_kwargs={"path": self.path, "split": self.split, "order": self.order, "dp_rank": self.dp_rank},
+            batch_size=None,
+            batch_format="numpy",
+            num_cpus=0,
+            label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},  # this node: its page cache
+        )
+        ds.context.execution_options.preserve_order = True  # this dataset's own context copy
+        return ds
+
+    def iter_torch(self, start: DataPosition = DataPosition(), device=None) -> Iterator[tuple]:
+        """(tokens, indices, position after) for every micro-batch from `start` on, epoch after epoch."""
+        import torch
+
+        epoch, first = start.epoch, start.batch
+        micro = self.order.micro_batch_size
+        while True:
+            if first < self.order.batches_per_epoch:
+                batch = first
+                for b in self.epoch_dataset(epoch, first).iter_torch_batches(
+                    batch_size=micro,
+                    dtypes={TOKENS_COLUMN: torch.int64, INDEX_COLUMN: torch.int64},
+                    device=device or "cpu",
+                    prefetch_batches=self.prefetch_batches,
+                    drop_last=False,
+                ):
+                    batch += 1
+                    after = DataPosition(epoch + 1, 0) if batch == self.order.batches_per_epoch else DataPosition(epoch, batch)
+                    yield b[TOKENS_COLUMN], b[INDEX_COLUMN], after
+                if batch != self.order.batches_per_epoch:
+                    raise RuntimeError(f"{self.path}/{self.split}: epoch {epoch} ended after {batch} micro-batches")
+            epoch, first = epoch + 1, 0
+
+    def numpy_batches(self, epoch: int, count: int) -> list[np.ndarray]:
+        """The first `count` micro-batches of `epoch` as int64 arrays, read directly (for small validation sets)."""
+        indices = self.order.epoch_indices(epoch, self.dp_rank)[:count]
+        data = _open_split(self.path, self.split)
+        return [data.rows(i).astype(np.int64) for i in indices]
+
+
+def sample_checksum(indices: np.ndarray, epoch: int) -> int:
+    """An order-independent fingerprint of (epoch, sequence index) pairs, summed mod 2**61 - 1.
+
+    Two runs with equal checksums trained on the same multiset of samples (up to a 2**-61 chance).
+    """
+    x = np.asarray(indices, dtype=np.uint64).reshape(-1) + np.full(1, epoch, dtype=np.uint64) * _GOLDEN  # array ops wrap
+    # splitmix64 finalizer: spreads every bit of the input over the output
+    x = (x ^ (x >> np.uint64(30))) * _MIX1
+    x = (x ^ (x >> np.uint64(27))) * _MIX2
+    x = x ^ (x >> np.uint64(31))
+    return int(sum(int(v) % _MERSENNE61 for v in x.tolist()) % _MERSENNE61)
+
+
+_GOLDEN, _MIX1, _MIX2 = (np.full(1, c, dtype=np.uint64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_MERSENNE61 = 2**61 - 1
