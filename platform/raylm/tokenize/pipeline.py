@@ -101,11 +101,27 @@ def _ensure_ray(cfg: RaylmConfig) -> None:
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
 
 
-def _ordered_texts(files: list[str]):
-    """The text column of these files as a Ray Dataset whose rows keep the files' order."""
+def read_texts(batch: dict, *, batch_rows: int, max_chars: int | None):
+    """Ray Data UDF: rows naming Parquet files -> their `text` column in file order, in tables of batch_rows rows.
+
+    With max_chars, long documents come out as pieces (encode.split_long_documents).
+    """
+    for path in batch["path"]:
+        for record_batch in pq.ParquetFile(str(path)).iter_batches(batch_size=batch_rows, columns=[TEXT_COLUMN]):
+            table = pa.Table.from_batches([record_batch])
+            yield split_long_documents(table, max_chars) if max_chars else table
+
+
+def _ordered_texts(files: list[str], batch_rows: int, max_chars: int | None = None):
+    """The text of these files as a Ray Dataset whose rows keep the files' order, one task per file.
+
+    Not `read_parquet`: in Ray 2.60 it starts a pool of footer-reading actors on every call,
+    seconds of fixed cost for files whose row counts are already known here.
+    """
     import ray
 
-    ds = ray.data.read_parquet(files).select_columns([TEXT_COLUMN])
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
+    ds = ds.map_batches(read_texts, batch_size=1, fn_kwargs={"batch_rows": batch_rows, "max_chars": max_chars})
     # Set on this dataset's own copy of the DataContext: the global one, shared with other stages, stays as it is.
     ds.context.execution_options.preserve_order = True
     return ds
@@ -113,7 +129,7 @@ def _ordered_texts(files: list[str]):
 
 def _text_batches(tc: TokenizeConfig, files: list[str], counter: list[int]) -> Iterator[list[str]]:
     """Train-split documents for the BPE trainer, in order, at most tokenizer_sample_docs of them."""
-    ds = _ordered_texts(files)
+    ds = _ordered_texts(files, TRAIN_BATCH_DOCS)
     if tc.tokenizer_sample_docs is not None:
         ds = ds.limit(tc.tokenizer_sample_docs)
     for batch in ds.iter_batches(batch_size=TRAIN_BATCH_DOCS, batch_format="pyarrow"):
@@ -126,10 +142,8 @@ def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, e
     """Blocks of encoded pieces (`ids` list and `last` columns), in the order of `files` and of rows within them."""
     import ray
 
-    pieces = _ordered_texts(files).map_batches(
-        split_long_documents, fn_kwargs={"max_chars": tc.max_piece_chars}, batch_size=None, batch_format="pyarrow"
-    )
-    # One block per batch, so every actor gets work even when the read yields a few large blocks.
+    pieces = _ordered_texts(files, tc.batch_size, tc.max_piece_chars)
+    # One block per batch, so every actor gets work even when a file yields a few large blocks.
     texts = pieces.repartition(target_num_rows_per_block=tc.batch_size)
     ds = texts.map_batches(
         EncodeDocuments,
