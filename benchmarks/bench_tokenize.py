@@ -190,6 +190,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=64.0, help="megabytes of text for the throughput run")
     parser.add_argument("--skip-train", action="store_true", help="leave out the starvation runs")
+    parser.add_argument("--skip-throughput", action="store_true", help="only the starvation runs")
     parser.add_argument("--steps", type=int, default=100, help="training steps per starvation run")
     parser.add_argument("--presets", default="debug,demo")
     args = parser.parse_args()
@@ -202,34 +203,9 @@ def main() -> None:
     results: dict = {"cores": CORES}
     with tempfile.TemporaryDirectory(prefix="raylm-bench-tok-") as tmp:
         tmp = Path(tmp)
-        prepared, docs, mb = write_prepared(tmp / "prepared", demo_texts(), args.mb)
-        base = baseline(gpt2, prepared, tmp)
         init_ray(num_cpus=2 * CORES)  # logical CPUs: the actors hold one per core, Ray Data's reads get the rest
-        warm = raylm_tokenize(gpt2, prepared, tmp / "tokens-warmup", tmp)  # starts Ray's worker processes
-        stats = raylm_tokenize(gpt2, prepared, tmp / "tokens", tmp)
-        check = check_stream(stats, np.load(base["stream"]))
-        raylm_tps = stats["tokens"]["train"] / stats["encode_seconds"]
-        base_tps = (base["tokens"] + base["documents"]) / base["seconds"]  # ids + one separator each, as raylm counts
-        results["throughput"] = {
-            "documents": docs, "mb": mb, "baseline_seconds": base["seconds"], "baseline_tokens_per_s": base_tps,
-            "raylm_encode_seconds": stats["encode_seconds"], "raylm_tokens_per_s": raylm_tps,
-            "raylm_stage_seconds": stats["stage_seconds"], "first_run_encode_seconds": warm["encode_seconds"],
-            "ratio": raylm_tps / base_tps,
-        }  # fmt: skip
-        results["correctness"] = check
-        t = results["throughput"]
-        print(f"\n== tokenization throughput: {docs:,} documents, {mb:.1f} MB, GPT-2 BPE, {CORES} cores ==")
-        print(f"tokenizers encode_batch_fast, 1 process, RAYON_NUM_THREADS={CORES}: "
-              f"{t['baseline_seconds']:.1f} s, {t['baseline_tokens_per_s']:,.0f} tokens/s")  # fmt: skip
-        print(f"raylm tokenize, Ray Data, {CORES} actors x 1 thread (encode pass): "
-              f"{t['raylm_encode_seconds']:.1f} s, {t['raylm_tokens_per_s']:,.0f} tokens/s "
-              f"(whole stage {t['raylm_stage_seconds']:.1f} s; first run on fresh workers {t['first_run_encode_seconds']:.1f} s)")  # fmt: skip
-        print(f"ratio raylm / tokenizers: {t['ratio']:.2f}")
-        print("\n== correctness: raylm's shards against tokenizers' own GPT-2 ids ==")
-        print(f"stream tokens {check['stream_tokens']:,}, reference (ids + separators) {check['reference_tokens']:,}; "
-              f"rows x seq_len + 1 = {check['covered']:,}, dropped tail {check['dropped']:,}, lost {check['lost']}, "
-              f"mismatching ids {check['mismatches']}")  # fmt: skip
-
+        if not args.skip_throughput:
+            throughput(args, gpt2, tmp, results)
         if not args.skip_train:
             results["starvation"] = starvation(tmp, args.presets.split(","), args.steps)
             print("\n== starvation: 2 Ray Train workers, demo settings (micro-batch 16 x 128 tokens), "
@@ -244,6 +220,36 @@ def main() -> None:
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / "tokenize.json").write_text(json.dumps(results, indent=2, default=str))
+
+
+def throughput(args, gpt2: Path, tmp: Path, results: dict) -> None:
+    """Sections 1 and 2 of the module docstring; prints their tables and fills `results`."""
+    prepared, docs, mb = write_prepared(tmp / "prepared", demo_texts(), args.mb)
+    base = baseline(gpt2, prepared, tmp)
+    warm = raylm_tokenize(gpt2, prepared, tmp / "tokens-warmup", tmp)  # starts Ray's worker processes
+    stats = raylm_tokenize(gpt2, prepared, tmp / "tokens", tmp)
+    check = check_stream(stats, np.load(base["stream"]))
+    raylm_tps = stats["tokens"]["train"] / stats["encode_seconds"]
+    base_tps = (base["tokens"] + base["documents"]) / base["seconds"]  # ids + one separator each, as raylm counts
+    results["throughput"] = {
+        "documents": docs, "mb": mb, "baseline_seconds": base["seconds"], "baseline_tokens_per_s": base_tps,
+        "raylm_encode_seconds": stats["encode_seconds"], "raylm_tokens_per_s": raylm_tps,
+        "raylm_stage_seconds": stats["stage_seconds"], "first_run_encode_seconds": warm["encode_seconds"],
+        "ratio": raylm_tps / base_tps,
+    }  # fmt: skip
+    results["correctness"] = check
+    t = results["throughput"]
+    print(f"\n== tokenization throughput: {docs:,} documents, {mb:.1f} MB, GPT-2 BPE, {CORES} cores ==")
+    print(f"tokenizers encode_batch_fast, 1 process, RAYON_NUM_THREADS={CORES}: "
+          f"{t['baseline_seconds']:.1f} s, {t['baseline_tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+    print(f"raylm tokenize, Ray Data, {CORES} actors x 1 thread (encode pass): "
+          f"{t['raylm_encode_seconds']:.1f} s, {t['raylm_tokens_per_s']:,.0f} tokens/s "
+          f"(whole stage {t['raylm_stage_seconds']:.1f} s; first run on fresh workers {t['first_run_encode_seconds']:.1f} s)")  # fmt: skip
+    print(f"ratio raylm / tokenizers: {t['ratio']:.2f}")
+    print("\n== correctness: raylm's shards against tokenizers' own GPT-2 ids ==")
+    print(f"stream tokens {check['stream_tokens']:,}, reference (ids + separators) {check['reference_tokens']:,}; "
+          f"rows x seq_len + 1 = {check['covered']:,}, dropped tail {check['dropped']:,}, lost {check['lost']}, "
+          f"mismatching ids {check['mismatches']}")  # fmt: skip
 
 
 if __name__ == "__main__":

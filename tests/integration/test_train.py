@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from raylm.artifacts import read_manifest, stage_output
 from raylm.config import load_config
+from raylm.errors import InputError
 from raylm.model.artifact import load_model
 from raylm.tokenize.ingest import SequenceOrder, sample_checksum
 from raylm.tokenize.packing import packed_split
@@ -129,3 +130,10 @@ def test_a_run_resumes_from_its_latest_checkpoint(trained):
         assert load_model(Path(d) / "model").meta["trained_steps"] == 16
     # one metrics history across both runs
     assert [h["step"] for h in state["history"] if "loss" in h] == [2, 4, 6, 8, 10, 12, 14, 16]
+
+
+def test_data_longer_than_the_models_context_is_refused_before_any_worker_starts(trained):
+    cfg, _, tokens = trained
+    narrow = cfg.train.model_copy(update={"model": cfg.train.model.model_copy(update={"block_size": 16})})
+    with pytest.raises(InputError, match=r"sequences of 32 tokens \(tokenize.seq_len\) exceed the model's context of 16"):
+        build_trainer(narrow, run_name="narrow", storage_path=str(tokens.path.parent / "narrow"))

@@ -21,6 +21,8 @@ node), read ahead by Ray Data's streaming executor and `iter_torch_batches(prefe
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -126,10 +128,12 @@ class TokenStream:
         *,
         prefetch_batches: int = 4,
         batches_per_task: int = 16,
+        read_tasks: int = 2,
     ):
         self.path, self.split, self.order, self.dp_rank = str(path), split, order, dp_rank
         self.prefetch_batches = prefetch_batches
         self.batches_per_task = batches_per_task
+        self.read_tasks = read_tasks
 
     def epoch_dataset(self, epoch: int, first_batch: int = 0):
         """A Ray Dataset of this rank's rows of `epoch` from micro-batch `first_batch` on, in order."""
@@ -144,6 +148,8 @@ class TokenStream:
             fn_kwargs={"path": self.path, "split": self.split, "order": self.order, "dp_rank": self.dp_rank},
             batch_size=None,
             batch_format="numpy",
+            # No CPU reserved, so at most `read_tasks` at a time: otherwise Ray starts a worker process per task.
+            compute=ray.data.TaskPoolStrategy(size=self.read_tasks),
             num_cpus=0,
             label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},  # this node: its page cache
         )
@@ -178,6 +184,51 @@ class TokenStream:
         indices = self.order.epoch_indices(epoch, self.dp_rank)[:count]
         data = _open_split(self.path, self.split)
         return [data.rows(i).astype(np.int64) for i in indices]
+
+
+class BackgroundIterator:
+    """Pulls from `source` in a daemon thread, up to `depth` items ahead; its errors surface in `next()`.
+
+    The training loop starts the data stream this way before building its engine, so that
+    Ray Data's start-up (and each new epoch's) overlaps with work instead of stalling a step.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, args=(source,), name="raylm-data", daemon=True)
+        self._thread.start()
+
+    def _pump(self, source: Iterator) -> None:
+        try:
+            for item in source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((item, None), timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put((self._END, None))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put((None, e))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        if item is self._END:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
 
 
 def sample_checksum(indices: np.ndarray, epoch: int) -> int:

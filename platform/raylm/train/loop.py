@@ -6,9 +6,9 @@ Every `eval_interval_steps` and `checkpoint_interval_steps` (and at the end) all
 evaluate and call `ray.train.report`; at checkpoint steps each rank also saves its part
 of a DeepSpeed checkpoint, and Ray merges the parts into one checkpoint directory:
 
-    <checkpoint>/deepspeed/latest, step<N>/...   engine.save_checkpoint, every rank's files;
-                                                 client_state: step, data position, sample checksum
-    <checkpoint>/state.json                      step, model config, metrics history (rank 0)
+    <checkpoint>/deepspeed/latest, step<N>/...   engine.save_checkpoint, every rank's files
+    <checkpoint>/state.json                      step, model config, metrics history, data position,
+                                                 data order and sample checksum (rank 0)
     <checkpoint>/model/                          final checkpoint only: the exported raylm-gpt model
     <checkpoint>/export_probe.safetensors        final checkpoint only: logits of the trained engine on
                                                  one validation row, to check the export against
@@ -41,7 +41,7 @@ import torch
 
 from raylm.errors import InputError
 from raylm.model.gpt import GPT, GPTConfig
-from raylm.tokenize.ingest import DataPosition, SequenceOrder, TokenStream, sample_checksum
+from raylm.tokenize.ingest import BackgroundIterator, DataPosition, SequenceOrder, TokenStream, sample_checksum
 from raylm.tokenize.shards import read_token_meta
 from raylm.train.topology import rank_coords
 from raylm.train.config import OptimizerConfig, TrainConfig
@@ -135,18 +135,23 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    engine, scheduler, num_params = _build_engine(spec)
     coords = rank_coords(rank, world, pipeline_stages=1)
     meta = read_token_meta(cfg.data)
     order = SequenceOrder(meta.num_sequences["train"], cfg.micro_batch_size, coords.dp_size, spec.seed, cfg.shuffle)
-    start_step, history, data = _restore(engine, spec, order)
+    checkpoint = ray.train.get_checkpoint()
+    state, data = _read_state(checkpoint, spec, order, rank)
+    # The data stream starts now, in the background, so its first batches are ready when the engine is.
+    stream = TokenStream(cfg.data, "train", order, coords.dp_rank, prefetch_batches=cfg.prefetch_batches)
+    train_batches = BackgroundIterator(stream.iter_torch(data.position, device), depth=max(1, cfg.prefetch_batches))
+
+    engine, scheduler, num_params = _build_engine(spec)
+    start_step = _restore(engine, checkpoint, state)
+    history = list(state["history"]) if state else []
     torch.manual_seed(spec.seed + 1 + rank + 7919 * start_step)  # dropout differs per rank and per restart
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     loss_fn = spec.loss_hook.build(device, dtype) if spec.loss_hook is not None else lm_loss
     val_batches = _validation_batches(cfg, meta.num_sequences["validation"], coords, device)
-    stream = TokenStream(cfg.data, "train", order, coords.dp_rank, prefetch_batches=cfg.prefetch_batches)
-    train_batches = stream.iter_torch(data.position, device)
     log = TrainLog(spec.run_name, history, spec.tensorboard_dir) if rank == 0 else None
     if rank == 0:
         logger.info(
@@ -184,6 +189,7 @@ def train_loop_per_worker(config: dict) -> None:
             _report(engine, spec, step, start_step, last_logged, val_batches, log, started, data, checkpoint=checkpoint)
             window.started = time.perf_counter()  # evaluation and checkpoint time is not training throughput
             window.data_wait = 0.0
+    train_batches.close()
     final_step = max(cfg.max_steps, start_step)
     _report(engine, spec, final_step, start_step, last_logged, val_batches, log, started, data, checkpoint=True, export=True)
     if log is not None:
@@ -202,12 +208,9 @@ class _DataState:
         self.checksum = (self.checksum + sample_checksum(indices.cpu().numpy(), self.position.epoch)) % (2**61 - 1)
         self.position = position
 
-    def client_state(self) -> dict:
-        return {
-            "data_position": self.position.to_dict(),
-            "sample_checksum": self.checksum,
-            "data_order": _order_key(self.order),
-        }
+    def to_state(self, global_checksum: int) -> dict:
+        """For state.json: the position (the same on every rank), the order it refers to, all ranks' checksum."""
+        return {"position": self.position.to_dict(), "order": _order_key(self.order), "sample_checksum": global_checksum}
 
 
 def _order_key(order: SequenceOrder) -> dict:
@@ -338,6 +341,7 @@ def _report(
     if log is not None:
         log.record(step, evaluation)
         logger.info(f"[raylm] {progress_line(step, spec.train.max_steps, evaluation)}")
+    checksum = _global_checksum(data.checksum)
     metrics = {
         "step": step,
         "loss": train_values.get("loss", float("nan")),
@@ -351,14 +355,14 @@ def _report(
         "elapsed_s": time.perf_counter() - started,
         "start_step": start_step,  # > 0: this run resumed from a checkpoint at that step
         "epoch": data.position.epoch,
-        "sample_checksum": _global_checksum(data.checksum),
+        "sample_checksum": checksum,
     }
     if not checkpoint:
         ray.train.report(metrics)
         return
     directory = Path(tempfile.mkdtemp(prefix="raylm-checkpoint-"))
     try:
-        _save(engine, spec, step, log, directory, data)
+        _save(engine, spec, step, log, directory, data.to_state(checksum))
         if export:
             _export(engine, spec, step, _shift(val_batches[0][:1])[0], directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
@@ -375,42 +379,50 @@ def _global_checksum(checksum: int) -> int:
     return sum(parts) % (2**61 - 1)
 
 
-def _save(engine, spec: LoopSpec, step: int, log: TrainLog | None, directory: Path, data: _DataState) -> None:
-    """This rank's part of the DeepSpeed checkpoint (with its data position); rank 0 adds state.json."""
-    client_state = {"step": step, **data.client_state()}
-    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state=client_state)
+def _save(engine, spec: LoopSpec, step: int, log: TrainLog | None, directory: Path, data: dict) -> None:
+    """This rank's part of the DeepSpeed checkpoint; rank 0 adds state.json (step, model, history, data position)."""
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state={"step": step})
     if log is not None:
-        state = {"step": step, "model": spec.model, "history": log.history}
+        state = {"step": step, "model": spec.model, "history": log.history, "data": data}
         (directory / STATE_FILE).write_text(json.dumps(state))
 
 
-def _restore(engine, spec: LoopSpec, order: SequenceOrder) -> tuple[int, list[dict], _DataState]:
-    """(step, metrics history, data state) of the checkpoint Ray Train hands this run, or a fresh start."""
-    import ray.train
+def _read_state(checkpoint, spec: LoopSpec, order: SequenceOrder, rank: int) -> tuple[dict | None, _DataState]:
+    """state.json of the checkpoint Ray Train hands this run (None for a fresh start) and where the data resumes.
 
-    checkpoint = ray.train.get_checkpoint()
+    The position is the same on every rank. The sample checksum saved is all ranks' sum: rank 0
+    carries it on, the others start from 0, so the sum over ranks continues unchanged.
+    """
     if checkpoint is None:
-        return 0, [], _DataState(DataPosition(), order)
+        return None, _DataState(DataPosition(), order)
     with checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
-        if state["model"] != spec.model:
-            raise InputError(
-                f"{checkpoint.path}: checkpoint of a different model ({state['model']}); "
-                "choose another run name or remove the old run's storage"
-            )
-        path, client_state = engine.load_checkpoint(str(Path(d) / DEEPSPEED_DIR))
-        if path is None:
-            raise InputError(f"{checkpoint.path}: DeepSpeed could not load the checkpoint")
-    saved_order = client_state["data_order"]
-    current = _order_key(order)
-    if saved_order != current:
+    if state["model"] != spec.model:
         raise InputError(
-            f"{checkpoint.path}: the checkpoint's data order {saved_order} differs from this run's {current}; "
+            f"{checkpoint.path}: checkpoint of a different model ({state['model']}); "
+            "choose another run name or remove the old run's storage"
+        )
+    saved, current = state["data"]["order"], _order_key(order)
+    if saved != current:
+        raise InputError(
+            f"{checkpoint.path}: the checkpoint's data order {saved} differs from this run's {current}; "
             "resuming would repeat or skip samples (keep micro_batch_size, num_workers, seed and the data)"
         )
-    position = DataPosition(**client_state["data_position"])
-    data = _DataState(position, order, int(client_state["sample_checksum"]))
-    return int(client_state["step"]), list(state["history"]), data
+    checksum = int(state["data"]["sample_checksum"]) if rank == 0 else 0
+    return state, _DataState(DataPosition(**state["data"]["position"]), order, checksum)
+
+
+def _restore(engine, checkpoint, state: dict | None) -> int:
+    """Load the engine from the checkpoint (model, optimizer, scheduler); returns its step (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        path, client_state = engine.load_checkpoint(str(Path(d) / DEEPSPEED_DIR))
+    if path is None:
+        raise InputError(f"{checkpoint.path}: DeepSpeed could not load the checkpoint")
+    if int(client_state["step"]) != int(state["step"]):
+        raise InputError(f"{checkpoint.path}: DeepSpeed files at step {client_state['step']}, state.json at {state['step']}")
+    return int(client_state["step"])
 
 
 def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: Path) -> None:
