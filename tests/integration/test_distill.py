@@ -60,6 +60,8 @@ def test_student_learns_from_teacher_and_exports(ray_local, tmp_path):
             "--distill.student.preset=debug",
             "--distill.student.n_layer=1",
             "--distill.student.d_model=32",
+            "--distill.student.positions=rotary",  # a LLaMA-style student of a GPT-2-style teacher
+            "--distill.student.mlp=swiglu",
             "--distill.temperature=2.0",
             "--distill.alpha=0.9",
             "--distill.micro_batch_size=4",
@@ -83,6 +85,7 @@ def test_student_learns_from_teacher_and_exports(ray_local, tmp_path):
 
     student = load_model(out / "model")
     assert student.config.n_layer == 1 and student.config.d_model == 32
+    assert (student.config.positions, student.config.mlp) == ("rotary", "swiglu")
     assert student.config.vocab_size == teacher.config.vocab_size  # the teacher's vocabulary
     assert student.config.block_size == 64  # and block size
     assert summary["num_params"] < summary["teacher_params"] == teacher.num_params(non_embedding=False)

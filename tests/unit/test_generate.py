@@ -15,11 +15,12 @@ from raylm.model.generate import (
 from raylm.model.gpt import GPT, build_config
 
 
-@pytest.fixture(scope="module")
-def model() -> GPT:
+@pytest.fixture(scope="module", params=[("learned", "gelu"), ("rotary", "swiglu")], ids=["gpt2-style", "llama-style"])
+def model(request) -> GPT:
     torch.manual_seed(0)
+    positions, mlp = request.param
     # A larger init spread than GPT-2's 0.02 so a random model's next tokens are far from ties.
-    m = GPT(build_config("debug", vocab_size=97, block_size=48))
+    m = GPT(build_config("debug", vocab_size=97, block_size=48, positions=positions, mlp=mlp))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0.0, 0.3) if p.dim() > 1 else None

@@ -139,3 +139,27 @@ def test_quantize_stage_rejects_bad_inputs_in_one_line(float_model, tokenizer_fi
     with pytest.raises(InputError, match="already quantized"):
         run_quantize(config(tmp_path, q8))
     assert not (tmp_path / "quantize").exists()
+
+
+def test_llama_style_model_quantizes_saves_and_reloads(tokenizer_file, idx, tmp_path):
+    """Rotary positions and a SwiGLU MLP: every Linear (the gate too) goes int8, and the file reloads exactly.
+
+    SwiGLU's products make heavier-tailed activations, so int8 here errs about twice as much
+    as on the GELU model above (relative error ~0.09 on this random model, against ~0.05).
+    """
+    torch.manual_seed(0)
+    model = GPT(build_config("debug", vocab_size=VOCAB, block_size=48, positions="rotary", mlp="swiglu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1) if p.dim() > 1 else None
+    model.eval()
+    qmodel = quantize_gpt(model, "int8")
+    a, b = logits(model, idx), logits(qmodel, idx)
+    assert relative_error(a, b) < 0.15 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.85
+    d = save_quantized(tmp_path / "int8", qmodel, tokenizer_file)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {"blocks.0.mlp.gate.weight_int8", "blocks.0.mlp.fc.weight_int8"} <= names and not any("wpe" in n for n in names)
+    loaded = load_model(d)
+    assert loaded.config.positions == "rotary" and loaded.config.mlp == "swiglu"
+    assert torch.equal(logits(loaded.model, idx), b)

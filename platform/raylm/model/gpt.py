@@ -1,8 +1,8 @@
 """A GPT-style decoder, written for one device and read top to bottom.
 
-Pre-norm transformer blocks with learned positions, a GELU MLP, tied input and
-output embeddings and `scaled_dot_product_attention`. Every weight matrix is an
-`nn.Linear`, so dynamic int8 quantization and LoRA apply to it unchanged.
+Pre-norm transformer blocks with learned or rotary positions, a GELU or SwiGLU MLP,
+tied input and output embeddings and `scaled_dot_product_attention`. Every weight
+matrix is an `nn.Linear`, so dynamic int8 quantization and LoRA apply to it unchanged.
 Parallelism (DeepSpeed ZeRO, pipeline stages) is applied from `raylm.train`.
 """
 
@@ -28,10 +28,24 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = False
     """Biases in Linear layers and LayerNorms (GPT-2 had them; most models since do not)."""
+    positions: str = "learned"
+    """"learned": a position embedding added to the input (GPT-2); "rotary": queries and keys
+    rotated by their position (RoPE, as in LLaMA), no position parameters."""
+    mlp: str = "gelu"
+    """"gelu": Linear(4d) -> GELU -> Linear(d) (GPT-2); "swiglu": SiLU(gate) * up, hidden width
+    8d/3 rounded up to a multiple of 32, so the parameter count stays close to the GELU MLP's."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
 
     def __post_init__(self):
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.positions not in ("learned", "rotary"):
+            raise ValueError(f"positions must be 'learned' or 'rotary', got {self.positions!r}")
+        if self.mlp not in ("gelu", "swiglu"):
+            raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.positions == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ValueError(f"rotary positions need an even head size, got {self.d_model // self.n_head}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -87,6 +101,24 @@ class KVCache:
         return mask[:, None]  # (B, 1, T, S)
 
 
+def rotary_angles(pos: torch.Tensor, head_size: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of the rotation angles for positions `pos` ((T,) or (B, T)), shaped to broadcast over heads.
+
+    Channel pair i of a head turns by pos * theta^(-2i / head_size); the result is (T, hs/2) or (B, 1, T, hs/2).
+    """
+    inv_freq = theta ** (-torch.arange(0, head_size, 2, device=pos.device, dtype=torch.float32) / head_size)
+    angles = pos.to(torch.float32)[..., None] * inv_freq  # (..., T, hs/2)
+    if angles.dim() == 3:
+        angles = angles[:, None]  # (B, 1, T, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (first half, second half) channel pair of x (B, nh, T, hs) by the given angles."""
+    a, b = x.float().chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -95,11 +127,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # keys are cached rotated: a key's rotation depends only on its own position
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             past = cache.layers[layer]
             if past is not None:
@@ -125,12 +161,22 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.swiglu = cfg.mlp == "swiglu"
+        hidden = swiglu_hidden(cfg.d_model) if self.swiglu else 4 * cfg.d_model
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.d_model, hidden, bias=cfg.bias) if self.swiglu else None
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.proj(F.gelu(self.fc(x))))
+        h = F.silu(self.gate(x)) * self.fc(x) if self.swiglu else F.gelu(self.fc(x))
+        return self.drop(self.proj(h))
+
+
+def swiglu_hidden(d_model: int) -> int:
+    """SwiGLU's hidden width: 8d/3 (three matrices hold about what GELU's two of width 4d do), rounded up to 32."""
+    hidden = 8 * d_model // 3
+    return -(-hidden // 32) * 32
 
 
 class Block(nn.Module):
@@ -141,8 +187,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, rope: tuple | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -151,7 +199,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
@@ -175,7 +223,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
@@ -191,13 +239,19 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         if cache is not None and cache.left_pad is not None:
             pos = (pos - cache.left_pad[:, None]).clamp(min=0)  # (B, T): each row counts from its first real token
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        else:
+            x = self.drop(self.wte(idx))
+            c = self.config
+            rope = rotary_angles(pos, c.d_model // c.n_head, c.rope_theta)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            x = block(x, cache, i, rope)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def flops_per_token(self) -> int:

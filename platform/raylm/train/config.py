@@ -19,6 +19,10 @@ class ModelConfig(ConfigSection):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     block_size: int | None = Field(None, ge=8)
     """The model's context in tokens; unset: the token data's seq_len. Must be at least that seq_len."""
+    positions: Literal["learned", "rotary"] = "learned"
+    """Learned position embeddings (GPT-2) or rotary positions (RoPE)."""
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    """GELU MLP of width 4d (GPT-2) or SwiGLU of width ~8d/3."""
 
     @model_validator(mode="after")
     def _known_preset(self):
@@ -40,6 +44,8 @@ class ModelConfig(ConfigSection):
             dropout=self.dropout,
             vocab_size=vocab_size,
             block_size=self.block_size or block_size,
+            positions=self.positions,
+            mlp=self.mlp,
         )
 
 
