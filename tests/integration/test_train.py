@@ -62,6 +62,7 @@ def trained(ray_local, tmp_path_factory):
         "--train.model.preset=debug",
         "--train.num_workers=2",
         "--train.zero_stage=3",
+        "--train.activation_checkpointing=true",  # recomputation under ZeRO-3's gathered parameters
         "--train.micro_batch_size=4",
         "--train.max_steps=12",
         "--train.optimizer.warmup_steps=2",

@@ -94,3 +94,12 @@ def test_lr_warms_up_then_decays_to_min_ratio():
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # cosine never rises again
     assert factors[100] == pytest.approx(0.1)
+
+
+def test_linear_decay_falls_by_equal_steps_to_min_ratio():
+    opt = OptimizerConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1, decay="linear")
+    factors = [lr_factor(s, opt, max_steps=100) for s in range(101)]
+    assert factors[10] == pytest.approx(1.0) and factors[100] == pytest.approx(0.1)
+    assert factors[55] == pytest.approx(0.55)  # halfway down from 1.0 to 0.1
+    steps = [a - b for a, b in zip(factors[10:], factors[11:])]
+    assert max(steps) == pytest.approx(min(steps)) == pytest.approx(0.9 / 90)

@@ -71,3 +71,25 @@ def test_bad_variants_are_refused_and_old_configs_load():
     old = {"vocab_size": 10, "block_size": 8, "n_layer": 1, "n_head": 1, "d_model": 8, "dropout": 0.0, "bias": False}
     cfg = GPTConfig.from_dict(old)  # a model saved before these fields existed
     assert (cfg.positions, cfg.mlp) == ("learned", "gelu")
+
+
+@pytest.mark.parametrize("positions,mlp", [("learned", "gelu"), ("rotary", "swiglu")])
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_fewer_activations(positions, mlp):
+    torch.manual_seed(0)
+    model = GPT(build_config("debug", n_layer=4, vocab_size=64, block_size=32, positions=positions, mlp=mlp)).train()
+    x, y = torch.randint(0, 64, (4, 32)), torch.randint(0, 64, (4, 32))
+
+    def run(checkpointing: bool) -> tuple[dict, int]:
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        kept = []  # bytes of every tensor the forward pass saves for the backward pass
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t, lambda t: t):
+            _, loss = model(x, y)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept)
+
+    plain, plain_bytes = run(False)
+    recomputed, recomputed_bytes = run(True)
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
+    assert recomputed_bytes < 0.5 * plain_bytes

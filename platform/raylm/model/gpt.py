@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
+        self.activation_checkpointing = False
+        """When training, keep only each block's input and recompute its activations in the backward pass."""
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream
         # does not grow with depth.
@@ -246,8 +249,12 @@ class GPT(nn.Module):
             x = self.drop(self.wte(idx))
             c = self.config
             rope = rotary_angles(pos, c.d_model // c.n_head, c.rope_theta)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, rope)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, rope, use_reentrant=False)
+            else:
+                x = block(x, cache, i, rope)
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:

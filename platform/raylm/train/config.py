@@ -53,7 +53,9 @@ class OptimizerConfig(ConfigSection):
     lr: float = Field(1e-3, gt=0.0)
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
-    """Cosine decay ends at lr * min_lr_ratio."""
+    """The decay ends at lr * min_lr_ratio."""
+    decay: Literal["cosine", "linear"] = "cosine"
+    """Shape of the decay from the peak after warmup down to lr * min_lr_ratio at max_steps."""
     warmup_steps: int = Field(10, ge=0)
     """Linear warmup from 0 to lr over this many optimizer steps."""
     weight_decay: float = Field(0.1, ge=0.0)
@@ -87,6 +89,9 @@ class TrainConfig(ConfigSection):
     """ZeRO-Infinity style parameter offload to host memory (GPU runs, ZeRO 3 only)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32, or bf16 / fp16 mixed precision with fp32 master weights (fp16 needs GPUs; bf16 is also fast on recent CPUs)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping them:
+    activation memory of one block input per layer, for about a third more compute."""
     micro_batch_size: int = Field(8, ge=1)
     """Sequences per worker per forward pass."""
     grad_accum_steps: int = Field(1, ge=1)

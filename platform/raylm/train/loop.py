@@ -91,13 +91,13 @@ def lm_loss(engine: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 
 def lr_factor(step: int, opt: OptimizerConfig, max_steps: int) -> float:
-    """Multiplier of the peak LR after `step` optimizer steps: linear warmup, then cosine down to min_lr_ratio."""
+    """Multiplier of the peak LR after `step` optimizer steps: linear warmup, then cosine or linear down to min_lr_ratio."""
     if step < opt.warmup_steps:
         return (step + 1) / (opt.warmup_steps + 1)
     span = max(1, max_steps - opt.warmup_steps)
     progress = min(1.0, (step - opt.warmup_steps) / span)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * cosine
+    remaining = 0.5 * (1.0 + math.cos(math.pi * progress)) if opt.decay == "cosine" else 1.0 - progress
+    return opt.min_lr_ratio + (1.0 - opt.min_lr_ratio) * remaining
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -226,6 +226,7 @@ def _build_engine(spec: LoopSpec):
     cfg = spec.train
     torch.manual_seed(spec.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig.from_dict(spec.model))
+    model.activation_checkpointing = cfg.activation_checkpointing
     num_params = model.num_params(non_embedding=False)  # before ZeRO-3 partitions the parameters away
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
