@@ -36,28 +36,10 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from prepare_common import demo_texts  # noqa: E402  (the bundled corpus's texts, shared with bench_prepare)
 CORES = os.cpu_count() or 1
 FILES = 16
-
-
-def demo_texts() -> list[str]:
-    """Every document of the bundled demo corpus (Shakespeare and Milton), in shard order."""
-    import gzip
-
-    texts = []
-    for f in sorted((ROOT / "platform/raylm/assets/demo_corpus").glob("shard-*")):
-        if f.suffix == ".parquet":
-            texts += [t for t in pq.read_table(f).column("text").to_pylist() if t]
-            continue
-        raw = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
-        for line in raw.decode("utf-8", errors="replace").splitlines():
-            try:
-                text = json.loads(line).get("text")
-            except (json.JSONDecodeError, AttributeError):
-                continue  # the demo corpus plants malformed records for the prepare stage to quarantine
-            if isinstance(text, str) and text:
-                texts.append(text)
-    return texts
 
 
 def write_prepared(root: Path, texts: list[str], target_mb: float) -> tuple[Path, int, float]:

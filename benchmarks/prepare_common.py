@@ -48,20 +48,27 @@ PREPARE_OVERRIDES = [
 ]
 
 
-def source_words() -> list[str]:
-    """The words of the bundled corpus, in order (about 570k)."""
-    out: list[str] = []
+def demo_texts() -> list[str]:
+    """Every document text of the bundled corpus, in file order (its malformed records, planted for prepare, skipped)."""
+    texts: list[str] = []
     for path in sorted(DEMO.iterdir()):
         if path.suffix == ".parquet":
-            texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            texts += [t for t in pq.read_table(path, columns=["text"]).column("text").to_pylist() if t]
         elif ".jsonl" in path.name:
             raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-            texts = [json.loads(line)["text"] for line in raw.decode().splitlines() if line.strip()]
-        else:
-            continue
-        for t in texts:
-            out += t.split()
-    return out
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                try:
+                    text = json.loads(line).get("text")
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                if isinstance(text, str) and text:
+                    texts.append(text)
+    return texts
+
+
+def source_words() -> list[str]:
+    """The words of the bundled corpus, in order (about 570k)."""
+    return [w for t in demo_texts() for w in t.split()]
 
 
 def edit(words: list[str], rate: float, rng: random.Random) -> list[str]:
@@ -122,21 +129,11 @@ def shingle_sets(corpus: list[dict]) -> dict:
     return {d["id"]: shingle_hashes(d["text"], "word", NGRAM) for d in corpus}
 
 
-def union_find_removed(ids, pairs) -> set[str]:
-    """All but the smallest id of each connected component of `pairs`."""
-    parent = {i: i for i in ids}
+def union_find_removed(pairs) -> set[str]:
+    """All but the smallest id of each connected component of `pairs` (documents in no pair are kept)."""
+    from raylm.data.components import union_find_components
 
-    def find(x):
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for a, b in pairs:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    return {x for x in parent if find(x) != x}
+    return {node for node, root in union_find_components(list(pairs)).items() if node != root}
 
 
 def truth(corpus: list[dict], shingles: dict, threshold: float = THRESHOLD) -> tuple[set[str], int]:
@@ -153,7 +150,7 @@ def truth(corpus: list[dict], shingles: dict, threshold: float = THRESHOLD) -> t
             ids = sorted(ids)
             pairs.update((ids[i], ids[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)))
     similar = [(a, b) for a, b in pairs if jaccard(shingles[a], shingles[b]) >= threshold]
-    return union_find_removed(shingles.keys(), similar), len(pairs)
+    return union_find_removed(similar), len(pairs)
 
 
 def scores(removed: set[str], true_removed: set[str]) -> dict:
@@ -181,7 +178,7 @@ def datasketch_dedup(corpus: list[dict], threshold: float = THRESHOLD) -> tuple[
         sketches[d["id"]] = m
         lsh.insert(d["id"], m)
     pairs = [(d, other) for d, m in sketches.items() for other in lsh.query(m) if other != d]
-    removed = union_find_removed(sketches.keys(), pairs)
+    removed = union_find_removed(pairs)
     return removed, time.perf_counter() - started
 
 

@@ -38,7 +38,7 @@ from raylm.tokenize.bpe import (
     TOKENIZER_FILE, check_vocab_size, eos_token_id, load_existing_tokenizer, train_tokenizer, vocab_size_of,
 )
 from raylm.tokenize.config import TokenizeConfig
-from raylm.tokenize.encode import TEXT_COLUMN, EncodeDocuments, block_document_ends, block_stream, split_long_documents
+from raylm.tokenize.encode import LAST_COLUMN, TEXT_COLUMN, EncodeDocuments, block_document_ends, block_stream, split_long_documents
 from raylm.tokenize.packing import RowBatcher, SequencePacker
 from raylm.tokenize.shards import DOC_STARTS_DIR, SPLITS, TokenMeta, shard_name, token_dtype, vocab_hash
 
@@ -229,9 +229,10 @@ def _encode_and_pack(
         tasks = {split: progress.add_task(f"encode + pack {split}", total=num_docs[split]) for split in SPLITS}
         for block in _encoded_blocks(tc, files, tokenizer_json, eos_id, dtype):
             for piece_rows, split in _route(block, seen, ranges):
+                before = writers[split].documents
                 writers[split].add(piece_rows)
-                progress.update(tasks[split], advance=int(np.count_nonzero(piece_rows.column("last"))))
-            seen += int(np.count_nonzero(block.column("last")))
+                progress.update(tasks[split], advance=writers[split].documents - before)
+            seen += int(np.count_nonzero(block.column(LAST_COLUMN)))
     if seen != bounds[-1] or any(w.documents != num_docs[s] for s, w in writers.items()):
         raise InputError(f"{tc.input}: changed while being read ({bounds[-1]} documents expected, {seen} read)")
     counts = {split: writer.close() for split, writer in writers.items()}
@@ -249,7 +250,7 @@ def _route(block: pa.Table, seen: int, ranges: dict[str, tuple[int, int]]):
 
     A document's pieces all belong to its split; split boundaries fall after a document's last piece.
     """
-    last = block.column("last").to_numpy(zero_copy_only=False).astype(bool)
+    last = block.column(LAST_COLUMN).to_numpy(zero_copy_only=False).astype(bool)
     doc_of_row = seen + np.concatenate([[0], np.cumsum(last)[:-1]])  # document number of every piece
     for split, (lo, hi) in ranges.items():
         rows = np.flatnonzero((doc_of_row >= lo) & (doc_of_row < hi))

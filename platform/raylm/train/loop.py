@@ -24,6 +24,7 @@ Everything a worker needs arrives in its `LoopSpec`; nothing is read from module
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -215,8 +216,7 @@ class _DataState:
 
 def _order_key(order: SequenceOrder) -> dict:
     """What must not change between a checkpoint and its resumption for the data position to mean the same."""
-    return {"num_sequences": order.num_sequences, "micro_batch_size": order.micro_batch_size,
-            "dp_size": order.dp_size, "seed": order.seed, "shuffle": order.shuffle}  # fmt: skip
+    return dataclasses.asdict(order)
 
 
 def _build_engine(spec: LoopSpec):
