@@ -75,3 +75,41 @@ def demo_texts() -> list[str]:
 
     shard = Path(__file__).resolve().parents[1] / "platform/raylm/assets/demo_corpus/shard-00.jsonl"
     return [json.loads(line)["text"] for line in shard.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def make_tokens():
+    """`make_tokens(path, seq_len=32, special_tokens=("<|endoftext|>",)) -> TokenMeta`: a real byte-level BPE
+    tokenizer and packed token shards of a small, learnable made-up corpus (360 train, 40 validation documents)."""
+    return _make_token_data
+
+
+def _make_token_data(path: Path, seq_len: int = 32, special_tokens: tuple[str, ...] = ("<|endoftext|>",)):
+    import random
+
+    from tokenizers import ByteLevelBPETokenizer
+
+    from raylm.artifacts import stage_output
+    from raylm.tokenize.packing import packed_split
+    from raylm.tokenize.shards import read_token_meta, write_token_data
+
+    rng = random.Random(0)
+    who = ["the cat", "a dog", "the king", "my friend", "the old man", "a bird"]
+    did = ["sat on", "looked at", "walked to", "sang about", "dreamt of"]
+    what = ["the mat", "a tree", "the castle", "the sea", "a small house", "the moon"]
+    docs = [
+        " ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)}." for _ in range(rng.randint(3, 8)))
+        for _ in range(400)
+    ]
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(
+        docs, vocab_size=320, min_frequency=2, special_tokens=list(special_tokens), show_progress=False
+    )
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    with stage_output(path, "tokenize", {"test": "train"}) as out:
+        splits = {
+            split: packed_split((tokenizer.encode(doc).ids for doc in part), eos, seq_len)
+            for split, part in (("train", docs[:360]), ("validation", docs[360:]))
+        }
+        out.stats = write_token_data(out.tmp, tokenizer, eos, splits, shard_rows=64).to_stats()
+    return read_token_meta(path)

@@ -1,8 +1,9 @@
-"""The `raylm` command: one subcommand per stage, plus `demo` (every stage in order) and `submit`.
+"""The `raylm` command: one subcommand per stage, plus `demo` (every stage in order), `submit` and `cluster`.
 
     raylm prepare --config configs/demo.yaml --prepare.min_chars=200
     raylm demo
     raylm submit train --config configs/demo.yaml --address http://127.0.0.1:8265
+    raylm cluster up --workers 2 --cpus-per-node 2
 
 Errors a user can fix print as one line on stderr with a non-zero exit; no traceback.
 """
@@ -75,6 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cluster's Jobs API address, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)",
     )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    p = sub.add_parser(
+        "cluster",
+        help="start, list or stop a multi-host Ray cluster on this machine (one network namespace per host)",
+        description="A head plus worker hosts, each in its own network namespace with its own IP (needs root).",
+    )
+    csub = p.add_subparsers(dest="cluster_command", metavar="ACTION", required=True)
+    up = csub.add_parser("up", help="start a cluster that keeps running after this command")
+    up.add_argument("--workers", type=int, default=1, help="worker hosts besides the head (default 1)")
+    up.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each node (default 2)")
+    up.add_argument("--head-cpus", type=int, default=None, help="logical CPUs of the head (default: --cpus-per-node)")
+    up.add_argument("--subnet", default=None, help="private IPv4 /24 to use (default: a free one in 10.213.0.0/16)")
+    down = csub.add_parser("down", help="stop a cluster and delete its namespaces, links and temp dir")
+    down.add_argument("name", nargs="?", default=None, help="cluster name (default: the only one running)")
+    csub.add_parser("status", help="list the clusters on this machine")
+    p = sub.add_parser(
+        "export",
+        help="write a raylm model directory from a train checkpoint (any ZeRO stage), on this CPU, without Ray",
+        description="Consolidate a DeepSpeed checkpoint of the train stage into a raylm-gpt model directory.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a Ray Train checkpoint dir of the run (state.json, deepspeed/)")
+    p.add_argument("--output", required=True, help="model directory to write (model.safetensors, config.json, tokenizer)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype (default float32)")
     return parser
 
 
@@ -117,6 +140,43 @@ def _run_submit(args: argparse.Namespace, overrides: list[str]) -> int:
     return submit_stage(args.stage, config, overrides, address=args.address, wait=not args.no_wait)
 
 
+def _run_cluster(args: argparse.Namespace) -> int:
+    from raylm.cluster import multihost
+
+    if args.cluster_command == "up":
+        c = multihost.up(args.workers, args.cpus_per_node, head_cpus=args.head_cpus, subnet=args.subnet)
+        print(f"cluster {c.name}: head {c.head_ip}, worker hosts {', '.join(c.worker_ips)}")
+        print(f"  Jobs API: raylm submit train --config configs/demo.yaml --address {c.jobs_address}")
+        print(f"  clients:  {' '.join(f'export {k}={v};' for k, v in c.env.items())}")
+        print(f"  stop:     raylm cluster down {c.name}")
+        return 0
+    clusters = multihost.list_clusters()
+    if args.cluster_command == "status":
+        for c in clusters:
+            state = "up" if multihost.cluster_alive(c) else "not answering"
+            print(f"{c.name}  {state}  address {c.address}  jobs {c.jobs_address}  worker hosts {', '.join(c.worker_ips)}")
+        if not clusters:
+            print("no multihost clusters on this machine")
+        return 0
+    name = args.name
+    if name is None:
+        if len(clusters) != 1:
+            raise RaylmError(f"{len(clusters)} multihost clusters here; name one: raylm cluster down NAME")
+        name = clusters[0].name
+    if not multihost.down(name):
+        raise RaylmError(f"no multihost cluster named {name} on this machine (see: raylm cluster status)")
+    print(f"cluster {name}: stopped and removed")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from raylm.train.checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
+    print(json.dumps({"model": str(out), "dtype": args.dtype}))
+    return 0
+
+
 def _run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from raylm.demo import run_demo
 
@@ -144,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "submit":
             return _run_submit(args, rest)
+        if args.command == "cluster":
+            return _run_cluster(args)
         if args.command == "demo":
             return _run_demo(args, rest)
+        if args.command == "export":
+            return _run_export(args)
         return _run_stage(args.command, args, rest)
     except RaylmError as e:
         print(f"raylm {args.command}: error: {e}", file=sys.stderr)

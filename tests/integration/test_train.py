@@ -4,56 +4,28 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from raylm.artifacts import read_manifest, stage_output
+from raylm.artifacts import read_manifest
 from raylm.config import load_config
 from raylm.errors import InputError
 from raylm.model.artifact import load_model
 from raylm.tokenize.ingest import SequenceOrder, sample_checksum
-from raylm.tokenize.packing import packed_split
-from raylm.tokenize.shards import TokenMeta, read_token_meta, write_token_data
 from raylm.train.trainer import build_trainer, run_train
 
 SEQ_LEN = 32
 
 
-def make_token_data(path: Path, seq_len: int = SEQ_LEN) -> TokenMeta:
-    """A real byte-level BPE tokenizer and packed token shards of a small, learnable made-up corpus."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    rng = random.Random(0)
-    who = ["the cat", "a dog", "the king", "my friend", "the old man", "a bird"]
-    did = ["sat on", "looked at", "walked to", "sang about", "dreamt of"]
-    what = ["the mat", "a tree", "the castle", "the sea", "a small house", "the moon"]
-    docs = [
-        " ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)}." for _ in range(rng.randint(3, 8)))
-        for _ in range(400)
-    ]
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(
-        docs, vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False
-    )
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    with stage_output(path, "tokenize", {"test": "train"}) as out:
-        splits = {
-            split: packed_split((tokenizer.encode(doc).ids for doc in part), eos, seq_len)
-            for split, part in (("train", docs[:360]), ("validation", docs[360:]))
-        }
-        out.stats = write_token_data(out.tmp, tokenizer, eos, splits, shard_rows=64).to_stats()
-    return read_token_meta(path)
-
-
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
+def trained(ray_local, make_tokens, tmp_path_factory):
     """One ZeRO-3 run of the train stage, shared by the tests below: (config, summary, token meta)."""
     root = tmp_path_factory.mktemp("train")
-    tokens = make_token_data(root / "tokens")
+    tokens = make_tokens(root / "tokens", seq_len=SEQ_LEN)
     overrides = [
         "--prepare.input=unused",
         f"--run.workdir={root}",
@@ -105,6 +77,47 @@ def test_train_stage_learns_and_exports_the_trained_weights(trained):
     assert summary["export_max_abs_diff"] < 1e-5
 
     assert run_train(cfg)["steps"] == 12  # same config: the finished output is returned, nothing runs
+
+
+def test_the_run_reports_its_training_figures_everywhere(trained):
+    """Gradient norm, MFU, step-time split, bits per byte and memory: in the final metrics, the history,
+    the summary and TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from raylm.tokenize.bpe import load_tokenizer
+    from raylm.tokenize.shards import TokenSplit
+
+    cfg, summary, tokens = trained
+    out = Path(cfg.train.output)
+    metrics = json.loads((out / "metrics.json").read_text())
+    final, history = metrics["final"], metrics["history"]
+    assert final["grad_norm"] > 0 and 0 < final["mfu"] < 1
+    assert final["peak_flops_source"] == "measured" and final["peak_flops_per_worker"] > 1e8
+    assert final["data_wait_s"] + final["forward_backward_s"] + final["optimizer_s"] <= final["step_time_s"]
+    assert final["forward_backward_s"] > 0 and final["optimizer_s"] > 0
+    # ZeRO-3 over 2 ranks: each holds half of the parameters (partitions padded to equal size)
+    assert summary["num_params"] / 2 <= final["params_per_worker"] < summary["num_params"]
+    assert final["peak_rss_mb"] > 100
+    for key in ("grad_norm", "mfu", "val_bpb", "peak_rss_mb", "params_per_worker", "forward_backward_s"):
+        assert summary[key] == final[key]
+
+    # bits per byte over the rows evaluated: the first 2 batches x 4 rows x 2 ranks of the split; ASCII text,
+    # so each target token's own bytes add up (end of text adds none)
+    rows = TokenSplit(tokens, "validation").rows(np.arange(2 * 4 * 2))
+    tokenizer = load_tokenizer(tokens.tokenizer_file)
+    text_bytes = sum(len(tokenizer.decode([int(i)], skip_special_tokens=True).encode()) for i in rows[:, 1:].reshape(-1))
+    assert final["val_bpb"] == pytest.approx(final["val_loss"] * rows[:, 1:].size / text_bytes / math.log(2), rel=1e-9)
+    logged = [h for h in history if "loss" in h]
+    assert all(h["grad_norm"] > 0 and 0 < h["mfu"] < 1 for h in logged)
+    assert [h["step"] for h in history if "val_bpb" in h] == [6, 12]
+
+    events = EventAccumulator(str(out / "ray" / cfg.run.name / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for key in ("loss", "grad_norm", "mfu", "tokens_per_s", "forward_backward_s", "optimizer_s", "data_wait_s",
+                "peak_rss_mb", "val_loss", "val_bpb"):  # fmt: skip
+        assert f"train/{key}" in tags, key
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [h["step"] for h in logged]
 
 
 def test_a_run_resumes_from_its_latest_checkpoint(trained):

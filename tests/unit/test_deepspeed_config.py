@@ -39,6 +39,19 @@ def test_train_batch_size_mismatch_names_every_factor():
     )
 
 
+def test_pipeline_batch_counts_data_parallel_ranks_not_workers():
+    cfg = train_config(num_workers=4, pipeline_stages=2, micro_batch_size=2, grad_accum_steps=4, train_batch_size=16)
+    ds = deepspeed_config(cfg, data_parallel_size=cfg.data_parallel_size)
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 4
+    wrong = cfg.model_copy(update={"train_batch_size": 32})  # as if all 4 workers were data-parallel
+    with pytest.raises(ConfigError) as e:
+        deepspeed_config(wrong, data_parallel_size=wrong.data_parallel_size)
+    assert str(e.value) == (
+        "train.train_batch_size=32 != micro_batch_size 2 x grad_accum_steps 4 x data-parallel size 2"
+        " (num_workers 4 / pipeline_stages 2) = 16"
+    )
+
+
 def test_data_parallel_size_must_be_positive():
     with pytest.raises(ConfigError, match="data-parallel size"):
         deepspeed_config(train_config(), data_parallel_size=0)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raylm.train.metrics import bits_per_byte  # shared with the train stage's val_bpb
+
 
 @torch.inference_mode()
 def sum_cross_entropy(model: torch.nn.Module, sequences: np.ndarray, batch_size: int, device: str = "cpu") -> tuple[float, int]:
@@ -25,21 +27,11 @@ def sum_cross_entropy(model: torch.nn.Module, sequences: np.ndarray, batch_size:
     return total, count
 
 
-def target_bytes(tokenizer, sequences: np.ndarray) -> int:
-    """UTF-8 bytes of the text the targets spell out, special tokens (end of text) excluded.
-
-    Consecutive rows overlap by one token, so the targets of consecutive rows are one
-    contiguous stretch of text: decoding them at once keeps multi-byte characters whole.
-    """
-    ids = sequences[:, 1:].reshape(-1).tolist()
-    return len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
-
-
 def perplexity_metrics(total_nats: float, num_tokens: int, num_bytes: int | None = None) -> dict:
     """Mean token cross-entropy (nats), perplexity, and bits per byte when the byte count is known."""
     loss = total_nats / num_tokens
     out = {"val_loss": loss, "ppl": math.exp(loss), "val_tokens": num_tokens}
     if num_bytes:
-        out["bits_per_byte"] = total_nats / (math.log(2) * num_bytes)
+        out["bits_per_byte"] = bits_per_byte(loss, num_tokens / num_bytes)
         out["val_bytes"] = num_bytes
     return out

@@ -32,7 +32,8 @@ from raylm.artifacts import stage_output, write_json_atomic
 from raylm.config import RaylmConfig
 from raylm.errors import ConfigError, InputError, RaylmError
 from raylm.evaluate.config import EvaluateConfig
-from raylm.evaluate.perplexity import perplexity_metrics, sum_cross_entropy, target_bytes
+from raylm.evaluate.perplexity import perplexity_metrics, sum_cross_entropy
+from raylm.train.metrics import target_bytes
 from raylm.evaluate.speed import decode_speed
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
 from raylm.model.gpt import GPTConfig
@@ -55,6 +56,11 @@ def check_inputs(ecfg: EvaluateConfig) -> TokenMeta:
         cfg = GPTConfig.from_dict(read_model_meta(p)["model"])
         if not (p / WEIGHTS).is_file():
             raise InputError(f"{p}: model {name!r} has no {WEIGHTS}")
+        if cfg.attention != "causal":
+            raise InputError(
+                f"{p}: model {name!r} is a masked-language model (bidirectional attention): it has no next-token "
+                "perplexity or generation speed to evaluate; its training metrics hold its masked-LM loss"
+            )
         if meta.seq_len > cfg.block_size:
             raise InputError(f"{p}: model {name!r} attends over {cfg.block_size} tokens, the data's sequences have {meta.seq_len}")
         check_same_tokenizer(meta, p / TOKENIZER, f"model {name!r}")

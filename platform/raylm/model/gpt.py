@@ -1,7 +1,8 @@
 """A GPT-style decoder, written for one device and read top to bottom.
 
 Pre-norm transformer blocks with learned or rotary positions, a GELU or SwiGLU MLP,
-tied input and output embeddings and `scaled_dot_product_attention`. Every weight
+tied input and output embeddings and `scaled_dot_product_attention`; causal attention for
+a language model, or bidirectional attention for a masked-language-model encoder. Every weight
 matrix is an `nn.Linear`, so dynamic int8 quantization and LoRA apply to it unchanged.
 Parallelism (DeepSpeed ZeRO, pipeline stages) is applied from `raylm.train`.
 """
@@ -37,6 +38,9 @@ class GPTConfig:
     8d/3 rounded up to a multiple of 32, so the parameter count stays close to the GELU MLP's."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
+    attention: str = "causal"
+    """"causal": each token attends to itself and the tokens before it (a decoder that generates);
+    "bidirectional": every token attends to the whole sequence (a masked-language-model encoder, BERT-style)."""
 
     def __post_init__(self):
         if self.d_model % self.n_head:
@@ -45,6 +49,8 @@ class GPTConfig:
             raise ValueError(f"positions must be 'learned' or 'rotary', got {self.positions!r}")
         if self.mlp not in ("gelu", "swiglu"):
             raise ValueError(f"mlp must be 'gelu' or 'swiglu', got {self.mlp!r}")
+        if self.attention not in ("causal", "bidirectional"):
+            raise ValueError(f"attention must be 'causal' or 'bidirectional', got {self.attention!r}")
         if self.positions == "rotary" and (self.d_model // self.n_head) % 2:
             raise ValueError(f"rotary positions need an even head size, got {self.d_model // self.n_head}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
@@ -124,6 +130,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.causal = cfg.attention == "causal"
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
@@ -149,7 +156,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.padded_causal_mask(T, k.size(2)))
         elif k.size(2) == T:
             y = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0
             )
         else:
             offset = k.size(2) - T
@@ -233,9 +240,13 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy against targets or None).
 
+        Targets of -100 are ignored (prompt tokens in SFT, unmasked tokens in masked-LM training).
+
         With a `cache`, idx holds only the new tokens; their positions continue after the cached ones.
         """
         B, T = idx.shape
+        if cache is not None and self.config.attention != "causal":
+            raise ValueError("a bidirectional (masked-language-model) GPT does not generate: no KV-cache decoding")
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -261,10 +272,16 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def flops_per_token(self) -> int:
-        """Training FLOPs per token: 6 N for the weights plus attention (PaLM appendix B)."""
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token with `seq_len` tokens of context (default block_size), as in PaLM appendix B.
+
+        6 per matmul weight (forward 2, backward 4): every nn.Linear, the tied lm_head counted once; embedding
+        lookups and norms do no matmul. Plus 12 n_layer d_model seq_len for the attention scores and the
+        weighted sum of values, counted over the full T x T matrix (the convention, although causal kernels skip half).
+        """
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * c.block_size
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 12 * c.n_layer * c.d_model * (seq_len or c.block_size)
 
 
 def build_config(preset: str | None = None, **overrides) -> GPTConfig:

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 
+from raylm.errors import InputError
 from raylm.model.artifact import load_model
 from raylm.model.generate import SamplingParams, decode_steps
 from raylm.serve.openai_api import APIError
@@ -90,6 +91,8 @@ class Engine:
 
     def __init__(self, model_dir: str | os.PathLike, *, max_tokens_limit: int = 256, device: str = "cpu"):
         self.loaded = load_model(model_dir, device=device)
+        if self.loaded.config.attention != "causal":
+            raise InputError(f"{model_dir}: a masked-language model (bidirectional attention) cannot generate text to serve")
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.context_length = self.loaded.config.block_size

@@ -1,5 +1,7 @@
 """Config of the tokenize stage."""
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from raylm.configbase import ConfigSection
@@ -8,9 +10,32 @@ BYTE_ALPHABET_SIZE = 256
 """Byte-level BPE starts from one token per byte value."""
 
 
+class SftDataConfig(ConfigSection):
+    """Supervised fine-tuning data (tokenize.format: sft): JSONL records of a prompt and its completion."""
+
+    prompt_field: str = "prompt"
+    """The JSON key holding the prompt text."""
+    completion_field: str = "completion"
+    """The JSON key holding the completion text."""
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    """Share of the examples in the validation split, chosen by a seeded hash of each example (run.seed)."""
+    too_long: Literal["truncate_prompt", "drop", "error"] = "truncate_prompt"
+    """An example longer than a row (prompt + completion + end-of-text > seq_len + 1 tokens): keep the prompt's
+    last tokens ("truncate_prompt"; one whose completion alone does not fit is dropped), drop it, or stop
+    with an error naming its file and line. Counted in the manifest either way."""
+    on_error: Literal["error", "skip"] = "error"
+    """A malformed line (bad JSON, a missing or non-string field, an empty prompt): stop with an error naming
+    file:line, or skip it and count it (the first few locations land in the manifest)."""
+
+
 class TokenizeConfig(ConfigSection):
     input: str
-    """The prepare stage's output directory (train/ and validation/ Parquet shards)."""
+    """The prepare stage's output directory (train/ and validation/ Parquet shards); with format sft, a JSONL
+    file of prompt/completion records or a directory of *.jsonl files."""
+    format: Literal["pretrain", "sft"] = "pretrain"
+    """"pretrain": packed documents, every token a target; "sft": one prompt/completion example per row, padded,
+    with a loss mask that makes only the completion (and its end-of-text) targets. sft needs `tokenizer`."""
+    sft: SftDataConfig = SftDataConfig()
     output: str
     """Directory for tokenizer.json, the packed token shards (train/, validation/) and manifest.json."""
     tokenizer: str | None = None
@@ -38,6 +63,12 @@ class TokenizeConfig(ConfigSection):
     rows, so one huge document cannot stall an actor; the ids are the same as the whole document's."""
     shard_rows: int = Field(8192, ge=1)
     """Packed sequences per .npy shard file."""
+
+    @model_validator(mode="after")
+    def _sft_needs_tokenizer(self):
+        if self.format == "sft" and self.tokenizer is None:
+            raise ValueError("format sft encodes with the base model's tokenizer: set tokenizer (e.g. <train output>/model)")
+        return self
 
     @model_validator(mode="after")
     def _needs_separator(self):

@@ -31,7 +31,7 @@ import numpy as np
 from raylm.errors import InputError
 from raylm.tokenize.shards import TokenSplit, read_token_meta
 
-INDEX_COLUMN, TOKENS_COLUMN = "index", "tokens"
+INDEX_COLUMN, TOKENS_COLUMN, MASK_COLUMN = "index", "tokens", "loss_mask"
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,19 @@ def _rank_epoch(order: SequenceOrder, epoch: int, dp_rank: int) -> np.ndarray:
     return order.epoch_indices(epoch, dp_rank)
 
 
-def gather_rows(batch: dict, *, path: str, split: str, order: SequenceOrder, dp_rank: int) -> dict:
-    """Ray Data UDF: rows (epoch, first, stop) naming runs of micro-batches -> their sequences, in order."""
+def gather_rows(
+    batch: dict, *, path: str, split: str, order: SequenceOrder, dp_rank: int, loss_mask: bool = False
+) -> dict:
+    """Ray Data UDF: rows (epoch, first, stop) naming runs of micro-batches -> their sequences (and loss masks), in order."""
     indices = np.concatenate([
         _rank_epoch(order, int(e), dp_rank)[int(a) : int(b)].reshape(-1)
         for e, a, b in zip(batch["epoch"], batch["first"], batch["stop"])
     ])  # fmt: skip
-    return {TOKENS_COLUMN: _open_split(path, split).rows(indices), INDEX_COLUMN: indices}
+    data = _open_split(path, split)
+    out = {TOKENS_COLUMN: data.rows(indices), INDEX_COLUMN: indices}
+    if loss_mask:
+        out[MASK_COLUMN] = data.mask_rows(indices)
+    return out
 
 
 class TokenStream:
@@ -113,6 +119,9 @@ class TokenStream:
         stream = TokenStream(path, "train", order, dp_rank=r)
         for tokens, indices, position in stream.iter_torch(start=DataPosition(), device=device):
             ...   # tokens: (micro_batch_size, seq_len + 1) int64; position: after this batch
+
+    With `loss_mask=True` (token data with loss masks, e.g. SFT) each item also carries the rows'
+    loss masks, (micro_batch_size, seq_len + 1) int64 0/1, as a fourth element.
 
     Runs wherever Ray is initialized (a Ray Train worker): the read tasks run on the calling
     node (its page cache holds the memory-mapped shards) and reserve no CPU, so they never
@@ -129,8 +138,10 @@ class TokenStream:
         prefetch_batches: int = 4,
         batches_per_task: int = 16,
         read_tasks: int = 2,
+        loss_mask: bool = False,
     ):
         self.path, self.split, self.order, self.dp_rank = str(path), split, order, dp_rank
+        self.loss_mask = loss_mask
         self.prefetch_batches = prefetch_batches
         self.batches_per_task = batches_per_task
         self.read_tasks = read_tasks
@@ -145,7 +156,8 @@ class TokenStream:
                 for a in bounds]  # fmt: skip
         ds = ray.data.from_items(runs, override_num_blocks=len(runs)).map_batches(
             gather_rows,
-            fn_kwargs={"path": self.path, "split": self.split, "order": self.order, "dp_rank": self.dp_rank},
+            fn_kwargs={"path": self.path, "split": self.split, "order": self.order, "dp_rank": self.dp_rank,
+                       "loss_mask": self.loss_mask},  # fmt: skip
             batch_size=None,
             batch_format="numpy",
             # No CPU reserved, so at most `read_tasks` at a time: otherwise Ray starts a worker process per task.
@@ -157,24 +169,30 @@ class TokenStream:
         return ds
 
     def iter_torch(self, start: DataPosition = DataPosition(), device=None) -> Iterator[tuple]:
-        """(tokens, indices, position after) for every micro-batch from `start` on, epoch after epoch."""
+        """(tokens, indices, position after[, loss mask]) for every micro-batch from `start` on, epoch after epoch."""
         import torch
 
         epoch, first = start.epoch, start.batch
         micro = self.order.micro_batch_size
+        dtypes = {TOKENS_COLUMN: torch.int64, INDEX_COLUMN: torch.int64}
+        if self.loss_mask:
+            dtypes[MASK_COLUMN] = torch.int64
         while True:
             if first < self.order.batches_per_epoch:
                 batch = first
                 for b in self.epoch_dataset(epoch, first).iter_torch_batches(
                     batch_size=micro,
-                    dtypes={TOKENS_COLUMN: torch.int64, INDEX_COLUMN: torch.int64},
+                    dtypes=dtypes,
                     device=device or "cpu",
                     prefetch_batches=self.prefetch_batches,
                     drop_last=False,
                 ):
                     batch += 1
                     after = DataPosition(epoch + 1, 0) if batch == self.order.batches_per_epoch else DataPosition(epoch, batch)
-                    yield b[TOKENS_COLUMN], b[INDEX_COLUMN], after
+                    if self.loss_mask:
+                        yield b[TOKENS_COLUMN], b[INDEX_COLUMN], after, b[MASK_COLUMN]
+                    else:
+                        yield b[TOKENS_COLUMN], b[INDEX_COLUMN], after
                 if batch != self.order.batches_per_epoch:
                     raise RuntimeError(f"{self.path}/{self.split}: epoch {epoch} ended after {batch} micro-batches")
             epoch, first = epoch + 1, 0
@@ -184,6 +202,12 @@ class TokenStream:
         indices = self.order.epoch_indices(epoch, self.dp_rank)[:count]
         data = _open_split(self.path, self.split)
         return [data.rows(i).astype(np.int64) for i in indices]
+
+    def numpy_mask_batches(self, epoch: int, count: int) -> list[np.ndarray]:
+        """The loss masks of `numpy_batches(epoch, count)`, as int64 0/1 arrays."""
+        indices = self.order.epoch_indices(epoch, self.dp_rank)[:count]
+        data = _open_split(self.path, self.split)
+        return [data.mask_rows(i).astype(np.int64) for i in indices]
 
 
 class BackgroundIterator:

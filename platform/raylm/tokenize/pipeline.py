@@ -47,8 +47,15 @@ TRAIN_BATCH_DOCS = 1024  # documents per batch streamed into the BPE trainer
 
 
 def run_tokenize(cfg: RaylmConfig) -> dict:
-    """Train the tokenizer, encode and pack both splits of `cfg.tokenize.input`; returns a JSON-able summary."""
+    """Train the tokenizer, encode and pack both splits of `cfg.tokenize.input`; returns a JSON-able summary.
+
+    With tokenize.format sft, encodes prompt/completion JSONL instead (raylm.tokenize.sft).
+    """
     tc = cfg.tokenize
+    if tc.format == "sft":
+        from raylm.tokenize.sft import run_sft_tokenize
+
+        return run_sft_tokenize(cfg)
     if tc.tokenizer is None:
         check_vocab_size(tc.vocab_size, tc.special_tokens)
     require_stage_output(tc.input, "prepare")

@@ -4,6 +4,9 @@
     <tokens>/tokenizer.json                 the tokenizer that produced the ids (its hash: TokenMeta.vocab_hash)
     <tokens>/<split>/part-NNNNN.npy         packed sequences, shape (rows, seq_len + 1), in split order
     <tokens>/doc_starts/<split>.npy         int64: where each document starts in the split's token stream
+    <tokens>/loss_mask/<split>/part-NNNNN.npy   optional (stats "loss_mask": true): uint8, the shape of the
+                                                 token shard of the same name; 1 where the id is a training
+                                                 target, 0 where it is not (an SFT prompt, padding)
 
 Splits are `train` and `validation`. Every file is a plain NumPy `.npy` array, so a split
 memory-maps (`np.load(f, mmap_mode="r")`, no copy, random access by row) and Ray Data reads
@@ -17,6 +20,9 @@ after the first is a target exactly once. Only the tail after the last full row 
 seq_len ids) is left out; the manifest counts it. A document starting at stream position p
 starts in row p // seq_len at column p % seq_len, which is what per-document attention and
 loss masks are built from (`document_starts`).
+
+Supervised fine-tuning data (raylm.tokenize.sft) uses the same files with one example per row,
+padded, and a loss mask: target j of a row (id j + 1) counts only where mask[j + 1] is 1.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ FORMAT_VERSION = 2
 SPLITS = ("train", "validation")
 TOKENIZER_FILE = "tokenizer.json"
 DOC_STARTS_DIR = "doc_starts"
+LOSS_MASK_DIR = "loss_mask"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -83,6 +90,8 @@ class TokenMeta:
     num_sequences: dict[str, int]
     vocab_hash: str = ""
     format_version: int = FORMAT_VERSION
+    loss_mask: bool = False
+    """Each token shard has a loss mask beside it (loss_mask/<split>/): only masked-in ids are targets."""
 
     @property
     def tokenizer_file(self) -> Path:
@@ -92,6 +101,10 @@ class TokenMeta:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return self.path / split
+
+    def loss_mask_dir(self, split: str) -> Path:
+        self.split_dir(split)  # validates the name
+        return self.path / LOSS_MASK_DIR / split
 
     def doc_starts_file(self, split: str) -> Path:
         self.split_dir(split)  # validates the name
@@ -106,6 +119,7 @@ class TokenMeta:
             "eos_token_id": self.eos_token_id,
             "dtype": self.dtype,
             "num_sequences": dict(self.num_sequences),
+            "loss_mask": self.loss_mask,
         }
 
 
@@ -129,6 +143,7 @@ def read_token_meta(path: str | os.PathLike) -> TokenMeta:
         dtype=str(stats["dtype"]),
         num_sequences={k: int(v) for k, v in stats["num_sequences"].items()},
         vocab_hash=str(stats["vocab_hash"]),
+        loss_mask=bool(stats.get("loss_mask", False)),
     )
     found = file_vocab_hash(meta.tokenizer_file)
     if found != meta.vocab_hash:
@@ -161,6 +176,11 @@ class TokenSplit:
         self.width = meta.seq_len + 1
         files = sorted(meta.split_dir(split).glob("part-*.npy"))
         self._arrays = [self._open(f) for f in files]
+        mask_dir = meta.loss_mask_dir(split)
+        self._masks = [self._open(mask_dir / f.name, np.dtype(np.uint8)) for f in files] if meta.loss_mask else None
+        for f, a, m in zip(files, self._arrays, self._masks or []):
+            if len(m) != len(a):
+                raise InputError(f"{mask_dir / f.name}: {len(m)} loss-mask rows for the {len(a)} rows of {f}")
         sizes = np.array([len(a) for a in self._arrays], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         expected = meta.num_sequences.get(split, 0)
@@ -169,14 +189,15 @@ class TokenSplit:
                 f"{meta.split_dir(split)}: {self._starts[-1]} sequences in {len(files)} files, the manifest says {expected}"
             )
 
-    def _open(self, f: Path) -> np.ndarray:
+    def _open(self, f: Path, dtype: np.dtype | None = None) -> np.ndarray:
+        dtype = dtype or np.dtype(self.meta.dtype)
         try:
             a = np.load(f, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
             raise InputError(f"{f}: not a readable .npy token shard ({e})") from None
-        if a.ndim != 2 or a.shape[1] != self.width or a.dtype != np.dtype(self.meta.dtype):
+        if a.ndim != 2 or a.shape[1] != self.width or a.dtype != dtype:
             raise InputError(
-                f"{f}: shape {a.shape} {a.dtype}, expected (rows, {self.width}) {self.meta.dtype} (seq_len {self.meta.seq_len})"
+                f"{f}: shape {a.shape} {a.dtype}, expected (rows, {self.width}) {dtype} (seq_len {self.meta.seq_len})"
             )
         return a
 
@@ -185,8 +206,17 @@ class TokenSplit:
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """Rows at these split-wide indices, in the order given: a (len(indices), seq_len + 1) array."""
+        return self._gather(self._arrays, indices)
+
+    def mask_rows(self, indices: np.ndarray) -> np.ndarray:
+        """The loss masks (uint8) of the same rows; ValueError when the data has none (meta.loss_mask false)."""
+        if self._masks is None:
+            raise ValueError(f"{self.meta.path}: this token data has no loss masks")
+        return self._gather(self._masks, indices)
+
+    def _gather(self, arrays: list[np.ndarray], indices: np.ndarray) -> np.ndarray:
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.width), dtype=self.meta.dtype)
+        out = np.empty((len(indices), self.width), dtype=arrays[0].dtype if arrays else self.meta.dtype)
         if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)})")
         which = np.searchsorted(self._starts, indices, side="right") - 1
@@ -194,7 +224,7 @@ class TokenSplit:
             sel = which == f
             local = indices[sel] - self._starts[f]
             order = np.argsort(local, kind="stable")  # read each file front to back
-            out[np.flatnonzero(sel)[order]] = self._arrays[f][local[order]]
+            out[np.flatnonzero(sel)[order]] = arrays[f][local[order]]
         return out
 
     def head(self, n: int) -> np.ndarray:
@@ -241,8 +271,11 @@ def write_token_data(
     eos_token_id: int,
     splits: dict[str, tuple[np.ndarray, np.ndarray]],
     shard_rows: int = 8192,
+    loss_masks: dict[str, np.ndarray] | None = None,
 ) -> TokenMeta:
     """Write a whole token output from in-memory arrays (tests, small data): split -> (rows, document starts).
+
+    `loss_masks`: split -> 0/1 array shaped like its rows, written beside the shards (SFT data).
 
     `tokenizer` is a `tokenizers` Tokenizer (or its ByteLevelBPETokenizer wrapper). Returns the
     TokenMeta whose `to_stats()` the tokenize manifest needs; the tokenize stage itself writes
@@ -260,5 +293,11 @@ def write_token_data(
         write_token_split(out, split, np.asarray(rows).astype(dtype), shard_rows)
         np.save(out / DOC_STARTS_DIR / f"{split}.npy", np.asarray(starts, dtype=np.int64), allow_pickle=False)
         counts[split] = len(rows)
+        if loss_masks is not None:
+            mask = np.asarray(loss_masks[split])
+            if mask.shape != np.shape(rows):
+                raise ValueError(f"{split}: loss mask of shape {mask.shape} for rows of shape {np.shape(rows)}")
+            write_token_split(out / LOSS_MASK_DIR, split, mask.astype(np.uint8), shard_rows)
     seq_len = int(np.asarray(splits["train"][0]).shape[1]) - 1
-    return TokenMeta(out, vocab_size, seq_len, eos_token_id, dtype.name, counts, vocab_hash(tokenizer_json))
+    return TokenMeta(out, vocab_size, seq_len, eos_token_id, dtype.name, counts, vocab_hash(tokenizer_json),
+                     loss_mask=loss_masks is not None)  # fmt: skip

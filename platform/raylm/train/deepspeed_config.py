@@ -23,9 +23,11 @@ def check_batch_arithmetic(cfg: TrainConfig, data_parallel_size: int, section: s
         raise ConfigError(f"{section}: data-parallel size must be at least 1, got {data_parallel_size}")
     product = cfg.micro_batch_size * cfg.grad_accum_steps * data_parallel_size
     if cfg.train_batch_size is not None and cfg.train_batch_size != product:
+        # under pipeline parallelism the stages of one pipeline share their batch: dp = workers / stages
+        dp = f" (num_workers {cfg.num_workers} / pipeline_stages {cfg.pipeline_stages})" if cfg.pipeline_stages > 1 else ""
         raise ConfigError(
             f"{section}.train_batch_size={cfg.train_batch_size} != micro_batch_size {cfg.micro_batch_size}"
-            f" x grad_accum_steps {cfg.grad_accum_steps} x data-parallel size {data_parallel_size} = {product}"
+            f" x grad_accum_steps {cfg.grad_accum_steps} x data-parallel size {data_parallel_size}{dp} = {product}"
         )
     return product
 

@@ -38,18 +38,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from raylm.errors import InputError
 from raylm.model.gpt import GPT, GPTConfig
+from raylm.model.lora import apply_lora, merge_lora
 from raylm.tokenize.ingest import BackgroundIterator, DataPosition, SequenceOrder, TokenStream, sample_checksum
 from raylm.tokenize.shards import read_token_meta
+from raylm.tokenize.sft import masked_targets
+from raylm.train.objectives import Objective, shift as _shift
+from raylm.train import pipeline as pipe
 from raylm.train.topology import rank_coords
+from raylm.train.checkpoint import (
+    DEEPSPEED_DIR, STATE_FILE, TOKENIZER_FILE, CheckpointClock, verify_deepspeed_checkpoint,
+)  # fmt: skip
 from raylm.train.config import OptimizerConfig, TrainConfig
-from raylm.train.metrics import TrainLog, perplexity, progress_line
+from raylm.train.finetune import load_init_weights
+from raylm.train.flops import flops_per_token, peak_flops_per_worker
+from raylm.train.metrics import TRAIN_FIGURES, TrainLog, bits_per_byte, params_held, perplexity, progress_line, target_bytes
 
-STATE_FILE = "state.json"
-DEEPSPEED_DIR = "deepspeed"
 MODEL_DIR = "model"
 PROBE_FILE = "export_probe.safetensors"
 
@@ -83,6 +91,8 @@ class LoopSpec:
     """None: next-token cross-entropy. Validation always measures cross-entropy."""
     export_extra: dict = field(default_factory=dict)
     """Extra keys for the exported model's config.json (e.g. what it was distilled from)."""
+    objective: Objective = Objective()
+    """How token rows become (inputs, targets): next-token prediction, or masked-language modelling."""
 
 
 def lm_loss(engine: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
@@ -108,6 +118,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optimizer.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # LoRA trains matrices only: ZeRO drops an empty group, and the LR schedule must see as many as it does
+    groups = [g for g in groups if g["params"]]
     betas = (cfg.optimizer.beta1, cfg.optimizer.beta2)
     if cfg.offload_optimizer:
         # ZeRO-Offload steps the optimizer on the host; DeepSpeed's vectorized CPU Adam is made for that.
@@ -135,17 +147,33 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    _check_precision(cfg.precision, device)
 
-    coords = rank_coords(rank, world, pipeline_stages=1)
+    coords = rank_coords(rank, world, pipeline_stages=cfg.pipeline_stages)
+    pipelined = cfg.pipeline_stages > 1
+    # where each stage runs (checked against pipeline_placement), for the reported metrics
+    placement = {"pipeline_stage_nodes": pipe.stage_nodes(coords, cfg.pipeline_placement)} if pipelined else {}
     meta = read_token_meta(cfg.data)
     order = SequenceOrder(meta.num_sequences["train"], cfg.micro_batch_size, coords.dp_size, spec.seed, cfg.shuffle)
     checkpoint = ray.train.get_checkpoint()
     state, data = _read_state(checkpoint, spec, order, rank)
     # The data stream starts now, in the background, so its first batches are ready when the engine is.
-    stream = TokenStream(cfg.data, "train", order, coords.dp_rank, prefetch_batches=cfg.prefetch_batches)
-    train_batches = BackgroundIterator(stream.iter_torch(data.position, device), depth=max(1, cfg.prefetch_batches))
+    # (Middle pipeline stages get activations from the previous stage, not data.)
+    reads_data = not pipelined or pipe.reads_data(coords)
+    stream = TokenStream(cfg.data, "train", order, coords.dp_rank, prefetch_batches=cfg.prefetch_batches,
+                         loss_mask=meta.loss_mask)  # fmt: skip
+    train_batches = (
+        BackgroundIterator(stream.iter_torch(data.position, device), depth=max(1, cfg.prefetch_batches)) if reads_data else None
+    )
 
-    engine, scheduler, num_params = _build_engine(spec)
+    if pipelined:
+        engine, scheduler, num_params = pipe.build_pipeline_engine(
+            spec,
+            functools.partial(build_optimizer, cfg=cfg),
+            functools.partial(lr_factor, opt=cfg.optimizer, max_steps=cfg.max_steps),
+        )
+    else:
+        engine, scheduler, num_params = _build_engine(spec)
     start_step = _restore(engine, checkpoint, state)
     history = list(state["history"]) if state else []
     torch.manual_seed(spec.seed + 1 + rank + 7919 * start_step)  # dropout differs per rank and per restart
@@ -153,48 +181,82 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
     loss_fn = spec.loss_hook.build(device, dtype) if spec.loss_hook is not None else lm_loss
     val_batches = _validation_batches(cfg, meta.num_sequences["validation"], coords, device)
+    val_masks = _validation_batches(cfg, meta.num_sequences["validation"], coords, device, masks=True) if meta.loss_mask else None
     log = TrainLog(spec.run_name, history, spec.tensorboard_dir) if rank == 0 else None
     if rank == 0:
         logger.info(
             f"[raylm] {spec.run_name}: {num_params:,} params, {world} workers,"
             f" ZeRO {cfg.zero_stage}, {cfg.precision}, steps {start_step}->{cfg.max_steps},"
+            + (f" {cfg.pipeline_stages} pipeline stages on nodes {pipe.short_nodes(placement)}," if pipelined else "")
+            +
             f" data from epoch {data.position.epoch} batch {data.position.batch} of {order.batches_per_epoch}"
         )
 
     seq_len = int(val_batches[0].size(1) - 1)
     tokens_per_step = spec.deepspeed["train_batch_size"] * seq_len
-    window = _Window(device, cfg.grad_accum_steps)
+    figures, tokens_per_byte = _run_figures(engine, spec, meta, coords, device, seq_len)
+    window = _Window(
+        device, cfg.grad_accum_steps, flops_per_token=figures["flops_per_token"], workers=world,
+        peak_flops_per_worker=figures["peak_flops_per_worker"], synchronize=cfg.synchronize_timing,
+        own_grad_norm=not pipelined and not _deepspeed_keeps_grad_norm(engine), split_times=not pipelined,
+    )  # fmt: skip
+    clock = CheckpointClock(cfg.checkpoint_interval_s, device)
     started = time.perf_counter()
     # a run resumed at (or past) max_steps trains no further: it re-reports the last logged figures
     last_logged = next(({k: v for k, v in h.items() if k != "step"} for h in reversed(history) if "loss" in h), {})
+    feed = pipe.PipelineFeed(train_batches, data, window, spec.objective, coords) if pipelined else None
     for step in range(start_step + 1, cfg.max_steps + 1):
-        for _ in range(cfg.grad_accum_steps):
-            waited = time.perf_counter()
-            tokens, indices, position = next(train_batches)
-            window.data_wait += time.perf_counter() - waited
-            data.consume(indices, position)
-            inputs, targets = _shift(tokens)
-            loss, parts = loss_fn(engine, inputs, targets)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer and scheduler only at accumulation boundaries
-            window.add(loss, parts)
+        if feed is not None:
+            # One pipeline step: DeepSpeed pulls the step's micro-batches, runs them through the stages and
+            # steps the optimizer; the loss returned (on every stage) is their mean, so it counts once per micro-batch.
+            loss = engine.train_batch(feed.for_step(step))
+            for _ in range(cfg.grad_accum_steps):
+                window.add(loss, {})
+            window.add_grad_norm(engine.get_global_grad_norm())
+        else:
+            for micro in range(cfg.grad_accum_steps):
+                waited = time.perf_counter()
+                tokens, indices, position, *loss_mask = next(train_batches)
+                window.data_wait += time.perf_counter() - waited
+                data.consume(indices, position)
+                inputs, targets = spec.objective.train_pair(tokens, rank, step, micro)
+                if loss_mask:  # SFT data: only completion tokens are targets
+                    targets = masked_targets(targets, loss_mask[0])
+                _train_micro_batch(engine, loss_fn, inputs, targets, window)
         final = step == cfg.max_steps
-        report = final or step % cfg.eval_interval_steps == 0 or step % cfg.checkpoint_interval_steps == 0
+        checkpoint_due = step % cfg.checkpoint_interval_steps == 0 or clock.due()
+        report = final or step % cfg.eval_interval_steps == 0 or checkpoint_due
         if step % cfg.log_interval_steps == 0 or report:
             last_logged = window.flush(scheduler.get_last_lr()[0], tokens_per_step)
             if log is not None:
                 log.record(step, last_logged)
                 logger.info(f"[raylm] {progress_line(step, cfg.max_steps, last_logged)}")
         if report and not final:
-            checkpoint = step % cfg.checkpoint_interval_steps == 0
-            _report(engine, spec, step, start_step, last_logged, val_batches, log, started, data, checkpoint=checkpoint)
-            window.started = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-            window.data_wait = 0.0
-    train_batches.close()
+            checkpoint = checkpoint_due
+            _report(engine, spec, step, start_step, last_logged, val_batches, log, started, data, checkpoint=checkpoint,
+                    extra={**placement, **figures}, val_masks=val_masks, tokens_per_byte=tokens_per_byte)  # fmt: skip
+            window.restart()  # evaluation and checkpoint time is not training throughput
+            if checkpoint:
+                clock.reset()
+    if train_batches is not None:
+        train_batches.close()
     final_step = max(cfg.max_steps, start_step)
-    _report(engine, spec, final_step, start_step, last_logged, val_batches, log, started, data, checkpoint=True, export=True)
+    _report(engine, spec, final_step, start_step, last_logged, val_batches, log, started, data, checkpoint=True, export=True,
+            extra={**placement, **figures}, val_masks=val_masks, tokens_per_byte=tokens_per_byte)  # fmt: skip
     if log is not None:
         log.close()
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    """ConfigError on a worker whose device cannot compute in `precision` (bf16 needs compute capability 8.0+)."""
+    from raylm.errors import ConfigError
+
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(
+            f"train.precision=bf16: GPU {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) "
+            "has no bf16; use precision fp16 or fp32"
+        )
 
 
 @dataclass
@@ -227,6 +289,10 @@ def _build_engine(spec: LoopSpec):
     torch.manual_seed(spec.seed)  # the same initial weights on every rank
     model = GPT(GPTConfig.from_dict(spec.model))
     model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.init_from:  # continued pretraining or fine-tuning: the base model's weights (raylm.train.finetune)
+        load_init_weights(model, cfg.init_from)
+    if cfg.lora is not None:  # freezes the base: build_optimizer then takes only the adapters
+        apply_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
     num_params = model.num_params(non_embedding=False)  # before ZeRO-3 partitions the parameters away
     optimizer = build_optimizer(model, cfg)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -239,81 +305,244 @@ def _build_engine(spec: LoopSpec):
 
 
 class _Window:
-    """Sums of the training loss (and its parts) since the last log line, kept on the device."""
+    """What happened since the last log line: sums of the training loss (and its parts) and of the global
+    gradient norm, kept on the device, and where the time went.
 
-    def __init__(self, device: torch.device, grad_accum_steps: int):
+    Step time splits into data wait (for the next micro-batch), forward + backward, and the optimizer
+    step; the rest (logging, loss bookkeeping) is step_time_s minus the three. Communication stays inside
+    the last two, not split out: ZeRO's reductions run within backward, its gathers of updated weights within
+    the step (and under ZeRO-3 also in forward). DeepSpeed's comms logger was measured for it and gives no
+    honest figure (0.19.8: each op's logged latency is the running total of all earlier ops of that name,
+    kept in a list that grows every call; async all-gathers are timed at launch). On GPUs the split needs
+    `synchronize_timing` (kernels run asynchronously); without it only data wait is timed there.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        grad_accum_steps: int,
+        *,
+        flops_per_token: float = 0.0,
+        peak_flops_per_worker: float | None = None,
+        workers: int = 1,
+        own_grad_norm: bool = False,
+        synchronize: bool = False,
+        split_times: bool = True,
+    ):
         self.device = device
         self.grad_accum_steps = grad_accum_steps
+        self.flops_per_token, self.peak_flops_per_worker, self.workers = flops_per_token, peak_flops_per_worker, workers
+        self.own_grad_norm = own_grad_norm
+        """True where DeepSpeed keeps no gradient norm (ZeRO 0 in fp32 steps torch's optimizer itself)."""
+        self.synchronize = synchronize and device.type == "cuda"
+        # split_times False: the caller cannot time the parts (a pipeline step is one DeepSpeed call)
+        self.timed = split_times and (device.type != "cuda" or self.synchronize)
         self.run_wait = self.run_seconds = 0.0  # over every window of this run (this process)
         self._reset()
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.micro_steps = 0
+        self.grad_norm_sum = torch.zeros((), device=self.device)
+        self.grad_norms = torch.zeros((), device=self.device)  # how many finite norms were summed
+        self.restart()
+
+    def restart(self) -> None:
+        """Start the clock again (after an evaluation or checkpoint: their time is not training throughput)."""
         self.data_wait = 0.0  # seconds spent waiting for the next micro-batch
+        self.forward_backward = self.optimizer = 0.0  # seconds in forward + backward, in the optimizer step
         self.started = time.perf_counter()
+
+    def clock(self) -> float:
+        """perf_counter, after the device has finished its queued work when timing is synchronized."""
+        if self.synchronize:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
         for key, value in {"loss": loss, **parts}.items():
             self.sums[key] = self.sums.get(key, 0.0) + value.detach().float()
         self.micro_steps += 1
 
+    def add_grad_norm(self, norm: float | torch.Tensor | None) -> None:
+        """One optimizer step's global gradient norm (None: not known; inf or NaN: an overflow step, skipped)."""
+        if norm is None:
+            return
+        norm = torch.as_tensor(norm, device=self.device).detach().float()
+        finite = torch.isfinite(norm)
+        self.grad_norm_sum += torch.where(finite, norm, 0.0)
+        self.grad_norms += finite.float()
+
     def flush(self, lr: float, tokens_per_step: int) -> dict:
-        """Mean loss over all ranks and micro-batches since the last flush, the LR and the global throughput."""
+        """Means since the last flush over all ranks: loss, gradient norm, step time and its parts; the LR,
+        the global throughput and MFU; the largest worker's peak memory."""
         import torch.distributed as dist
 
-        keys = sorted(self.sums)
-        count = torch.tensor(float(self.micro_steps), device=self.device)
-        totals = torch.stack([self.sums[k] for k in keys] + [count]).to(self.device, torch.float64)
-        dist.all_reduce(totals)  # (len(keys) + 1,): summed over ranks
+        from raylm.train.flops import model_flops_utilization
+        from raylm.train.metrics import peak_rss_mb
+
         seconds = max(time.perf_counter() - self.started, 1e-9)
+        keys = sorted(self.sums)
+        host = torch.tensor([self.micro_steps, seconds, self.data_wait, self.forward_backward, self.optimizer],
+                            dtype=torch.float64, device=self.device)  # fmt: skip
+        device_sums = [self.sums[k] for k in keys] + [self.grad_norm_sum, self.grad_norms]
+        totals = torch.cat([torch.stack(device_sums).to(self.device, torch.float64), host])
+        dist.all_reduce(totals)  # summed over ranks: loss parts, grad norm sum and count, then the host figures
+        count, sum_seconds, sum_wait, sum_fb, sum_opt = totals[-5:].tolist()
+        world = dist.get_world_size()
         self.run_wait += self.data_wait
         self.run_seconds += seconds
-        wait = torch.tensor([self.data_wait / seconds, self.run_wait / self.run_seconds], device=self.device,
-                            dtype=torch.float64)  # fmt: skip
-        dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the rank that waited longest
+        gpu_mb = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
+        peaks = torch.tensor([self.data_wait / seconds, self.run_wait / self.run_seconds, peak_rss_mb(), gpu_mb],
+                             device=self.device, dtype=torch.float64)  # fmt: skip
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)  # the rank that waited longest, the largest process
         steps = max(self.micro_steps / self.grad_accum_steps, 1e-9)  # every rank ran the same micro-steps
-        values = {k: float(totals[i] / totals[-1]) for i, k in enumerate(keys)}
+        step_seconds = sum_seconds / world / steps  # mean over ranks
+        values = {k: float(totals[i] / count) for i, k in enumerate(keys)}
+        values["lr"] = float(lr)
+        norms = float(totals[len(keys) + 1])
+        if norms > 0:
+            values["grad_norm"] = float(totals[len(keys)]) / norms
         values.update(
-            lr=float(lr),
-            step_time_s=seconds / steps,
-            tokens_per_s=tokens_per_step * steps / seconds,
-            data_wait_frac=float(wait[0]),
-            run_data_wait_frac=float(wait[1]),
+            step_time_s=step_seconds,
+            tokens_per_s=tokens_per_step / step_seconds,
+            data_wait_frac=float(peaks[0]),
+            run_data_wait_frac=float(peaks[1]),
+            data_wait_s=sum_wait / world / steps,
         )
+        if self.timed:
+            values.update(
+                forward_backward_s=sum_fb / world / steps,
+                optimizer_s=sum_opt / world / steps,
+                forward_backward_frac=sum_fb / sum_seconds,
+                optimizer_frac=sum_opt / sum_seconds,
+            )
+        if self.peak_flops_per_worker:
+            values["mfu"] = model_flops_utilization(
+                self.flops_per_token, values["tokens_per_s"], self.peak_flops_per_worker, self.workers
+            )
+        values["peak_rss_mb"] = float(peaks[2])
+        if self.device.type == "cuda":
+            values["peak_gpu_mem_mb"] = float(peaks[3])
         self._reset()
         return values
 
 
-def _shift(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T + 1) rows -> inputs (B, T) = row[:-1], targets (B, T) = row[1:], each contiguous."""
-    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+def _train_micro_batch(engine, loss_fn: LossFn, inputs: torch.Tensor, targets: torch.Tensor, window: _Window) -> None:
+    """Forward, backward and (at accumulation boundaries) the optimizer step of one micro-batch, timed into `window`."""
+    started = window.clock()
+    loss, parts = loss_fn(engine, inputs, targets)
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    stepping = window.clock()
+    # ZeRO 0 in fp32: DeepSpeed keeps no norm; the backward pass at the boundary has already averaged the
+    # gradients over ranks, so their norm here is the global one (the same on every rank).
+    own_norm = _local_grad_norm(engine) if boundary and window.own_grad_norm else None
+    engine.step()  # DeepSpeed steps the optimizer and scheduler only at accumulation boundaries
+    window.optimizer += window.clock() - stepping
+    window.forward_backward += stepping - started
+    window.add(loss, parts)
+    if boundary:
+        window.add_grad_norm(own_norm if own_norm is not None else engine.get_global_grad_norm())
 
 
-def _validation_batches(cfg: TrainConfig, num_sequences: int, coords, device: torch.device) -> list[torch.Tensor]:
+def _deepspeed_keeps_grad_norm(engine) -> bool:
+    """Whether engine.get_global_grad_norm() is set at each step: by ZeRO 1-3 and DeepSpeed's bf16/fp16 optimizers,
+    not when ZeRO 0 in fp32 steps torch's optimizer directly."""
+    return hasattr(engine.optimizer, "_global_grad_norm")
+
+
+def _local_grad_norm(engine) -> torch.Tensor | None:
+    """2-norm of the gradients the module holds (a 0-d tensor on the device), None if it holds none."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else None
+
+
+def _validation_order(cfg: TrainConfig, num_sequences: int, dp_size: int) -> tuple[SequenceOrder, int]:
+    """(the validation split's order in file order, micro-batches per rank): which rows the evaluations read."""
+    micro = max(1, min(cfg.micro_batch_size, num_sequences // dp_size))
+    order = SequenceOrder(num_sequences, micro, dp_size, seed=0, shuffle=False)
+    return order, min(cfg.eval_batches, order.batches_per_epoch)
+
+
+def _validation_tokens_per_byte(spec: LoopSpec, meta, dp_size: int) -> float | None:
+    """Targets per UTF-8 byte of the validation rows all ranks evaluate together (end-of-text counts 0 bytes);
+    None if they spell no text at all.
+
+    Those rows are the first of the split in file order, so decoding their targets as one stream is exact.
+    """
+    from raylm.tokenize.bpe import load_tokenizer
+    from raylm.tokenize.shards import TokenSplit
+
+    order, count = _validation_order(spec.train, meta.num_sequences["validation"], dp_size)
+    indices = np.sort(np.concatenate([order.epoch_indices(0, r)[:count].reshape(-1) for r in range(dp_size)]))
+    rows = TokenSplit(meta, "validation").rows(indices)  # (N, T + 1)
+    num_bytes = target_bytes(load_tokenizer(spec.tokenizer_file), rows)
+    return rows[:, 1:].size / num_bytes if num_bytes else None
+
+
+def _run_figures(engine, spec: LoopSpec, meta, coords, device: torch.device, seq_len: int) -> tuple[dict, float | None]:
+    """Figures taken once per run: ({flops_per_token, peak_flops_per_worker, peak_flops_source,
+    params_per_worker}, validation tokens per byte or None where bits per byte do not apply).
+
+    The peak is measured (or looked up) on every rank and the largest taken, as is the count of parameter
+    elements a rank holds (under ZeRO-3 its partitions); the tokens per byte are counted on rank 0.
+    """
+    import torch.distributed as dist
+
+    cfg = spec.train
+    peak, source = peak_flops_per_worker(cfg.peak_flops_per_worker, cfg.precision, device)
+    largest = torch.tensor([peak, params_held(engine.module)], dtype=torch.float64, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    # Bits per byte need next-token losses over whole text: not masked-LM losses, not SFT completions only.
+    per_byte = spec.objective.kind == "causal" and not meta.loss_mask
+    shared = [_validation_tokens_per_byte(spec, meta, coords.dp_size) if per_byte and dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(shared, src=0)
+    figures = {
+        "flops_per_token": flops_per_token(spec.model, seq_len),
+        "peak_flops_per_worker": float(largest[0]),
+        "peak_flops_source": source,
+        "params_per_worker": int(largest[1]),
+    }
+    return figures, shared[0]
+
+
+def _validation_batches(
+    cfg: TrainConfig, num_sequences: int, coords, device: torch.device, masks: bool = False
+) -> list[torch.Tensor]:
     """This rank's validation batches: the first `eval_batches` of the split in file order, read once and reused.
 
     Every rank gets the same number (under ZeRO-3 every forward pass is a collective).
+    masks: the loss masks of those batches instead (token data with loss masks).
     """
-    micro = max(1, min(cfg.micro_batch_size, num_sequences // coords.dp_size))
-    order = SequenceOrder(num_sequences, micro, coords.dp_size, seed=0, shuffle=False)
+    order, count = _validation_order(cfg, num_sequences, coords.dp_size)
     stream = TokenStream(cfg.data, "validation", order, coords.dp_rank)
-    count = min(cfg.eval_batches, order.batches_per_epoch)
-    return [torch.from_numpy(b).to(device) for b in stream.numpy_batches(epoch=0, count=count)]
+    read = stream.numpy_mask_batches if masks else stream.numpy_batches
+    return [torch.from_numpy(b).to(device) for b in read(epoch=0, count=count)]
 
 
 @torch.no_grad()
-def _evaluate(engine, batches: list[torch.Tensor]) -> float:
-    """Mean next-token cross-entropy over every rank's validation batches."""
+def _evaluate(
+    engine, batches: list[torch.Tensor], objective: Objective = Objective(), masks: list[torch.Tensor] | None = None
+) -> float:
+    """Mean cross-entropy per target token (next-token, or masked tokens) over every rank's validation batches.
+
+    masks: the batches' loss masks (SFT data): only masked-in targets count.
+    """
     import torch.distributed as dist
 
     engine.eval()
     device = batches[0].device
+    rank = dist.get_rank()
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens)
-    for batch in batches:
-        inputs, targets = _shift(batch)
+    for index, batch in enumerate(batches):
+        inputs, targets = objective.eval_pair(batch, rank, index)
+        if masks is not None:
+            targets = masked_targets(targets, masks[index])
         _, loss = engine(inputs, targets)
-        tokens = targets.numel()
+        tokens = int((targets != -100).sum())  # the loss is a mean over the targets that count
+        if tokens == 0:
+            continue  # a batch with nothing to predict (its loss is NaN)
         totals += torch.stack([loss.detach().double() * tokens, torch.tensor(float(tokens), device=device).double()])
     dist.all_reduce(totals)
     engine.train()
@@ -333,12 +562,25 @@ def _report(
     *,
     checkpoint: bool,
     export: bool = False,
+    extra: dict | None = None,
+    val_masks: list[torch.Tensor] | None = None,
+    tokens_per_byte: float | None = None,
 ) -> None:
-    """Evaluate, then report to Ray Train on every rank, with this rank's checkpoint files when due."""
+    """Evaluate, then report to Ray Train on every rank, with this rank's checkpoint files when due.
+
+    extra: more metrics to report as they are (the pipeline's stage -> nodes map, the run's figures).
+    tokens_per_byte: validation targets per UTF-8 byte of their text, for bits per byte (None: not reported).
+    """
     import ray.train
 
-    val_loss = _evaluate(engine, val_batches)
+    pipelined = spec.train.pipeline_stages > 1
+    if pipelined:
+        val_loss = pipe.evaluate_pipeline(engine, val_batches, spec.objective, val_masks)
+    else:
+        val_loss = _evaluate(engine, val_batches, spec.objective, val_masks)
     evaluation = {"val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+    if tokens_per_byte is not None:
+        evaluation["val_bpb"] = bits_per_byte(val_loss, tokens_per_byte)
     if log is not None:
         log.record(step, evaluation)
         logger.info(f"[raylm] {progress_line(step, spec.train.max_steps, evaluation)}")
@@ -349,7 +591,7 @@ def _report(
         "lr": train_values.get("lr", float("nan")),
         "tokens_per_s": train_values.get("tokens_per_s", float("nan")),
         "step_time_s": train_values.get("step_time_s", float("nan")),
-        **{k: v for k, v in train_values.items() if k in ("ce", "kl")},
+        **{k: v for k, v in train_values.items() if k in ("ce", "kl", *TRAIN_FIGURES)},
         **evaluation,
         "data_wait_frac": train_values.get("data_wait_frac", float("nan")),
         "run_data_wait_frac": train_values.get("run_data_wait_frac", float("nan")),
@@ -357,6 +599,7 @@ def _report(
         "start_step": start_step,  # > 0: this run resumed from a checkpoint at that step
         "epoch": data.position.epoch,
         "sample_checksum": checksum,
+        **(extra or {}),
     }
     if not checkpoint:
         ray.train.report(metrics)
@@ -365,7 +608,7 @@ def _report(
     try:
         _save(engine, spec, step, log, directory, data.to_state(checksum))
         if export:
-            _export(engine, spec, step, _shift(val_batches[0][:1])[0], directory)
+            (pipe.export_pipeline if pipelined else _export)(engine, spec, step, _shift(val_batches[0][:1])[0], directory)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -384,8 +627,10 @@ def _save(engine, spec: LoopSpec, step: int, log: TrainLog | None, directory: Pa
     """This rank's part of the DeepSpeed checkpoint; rank 0 adds state.json (step, model, history, data position)."""
     engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state={"step": step})
     if log is not None:
-        state = {"step": step, "model": spec.model, "history": log.history, "data": data}
+        state = {"step": step, "model": spec.model, "history": log.history, "data": data,
+                 "eos_token_id": spec.eos_token_id}  # fmt: skip
         (directory / STATE_FILE).write_text(json.dumps(state))
+        shutil.copyfile(spec.tokenizer_file, directory / TOKENIZER_FILE)  # an intermediate checkpoint exports alone
 
 
 def _read_state(checkpoint, spec: LoopSpec, order: SequenceOrder, rank: int) -> tuple[dict | None, _DataState]:
@@ -418,6 +663,8 @@ def _restore(engine, checkpoint, state: dict | None) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:
+        # DeepSpeed unpickles with weights_only=False: every file first passes torch's weights-only unpickler
+        verify_deepspeed_checkpoint(Path(d) / DEEPSPEED_DIR)
         path, client_state = engine.load_checkpoint(str(Path(d) / DEEPSPEED_DIR))
     if path is None:
         raise InputError(f"{checkpoint.path}: DeepSpeed could not load the checkpoint")
@@ -454,13 +701,19 @@ def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: P
     if rank != 0:
         return
     model = GPT(GPTConfig.from_dict(spec.model))
+    lora = spec.train.lora
+    if lora is not None:  # the engine's parameter names: the frozen base weights and the adapters
+        apply_lora(model, lora.rank, lora.alpha, lora.targets)
     missing = {name for name, _ in model.named_parameters()} - set(full)
     if missing:
         raise RuntimeError(f"export: parameters missing from the engine: {sorted(missing)}")
     with torch.no_grad():
         for name, param in model.named_parameters():
             param.copy_(full[name])
+    if lora is not None:
+        model = merge_lora(model, inplace=True)  # W + (alpha / rank) * B @ A: a plain raylm-gpt model
     extra = {"trained_steps": step, "run_name": spec.run_name, **spec.export_extra}
-    save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=extra)
+    save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=extra,
+               dtype=getattr(torch, spec.train.export_dtype))  # fmt: skip
     probe_tensors = {"input_ids": probe.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}
     save_file(probe_tensors, str(directory / PROBE_FILE))

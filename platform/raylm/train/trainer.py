@@ -17,6 +17,7 @@ atomically:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,34 +28,49 @@ from raylm.artifacts import StageOutput, stage_output
 from raylm.errors import ConfigError, InputError
 from raylm.model.gpt import GPTConfig
 from raylm.tokenize.shards import TokenMeta, read_token_meta
+from raylm.train.checkpoint import latest_run_checkpoint, verify_checkpoint
 from raylm.train.config import TrainConfig
 from raylm.train.deepspeed_config import deepspeed_config
+from raylm.train.finetune import init_model_config, prepare_finetune
+from raylm.train.objectives import build_objective
+from raylm.train.pipeline import check_pipeline, check_spread_possible
 from raylm.train.loop import MODEL_DIR, PROBE_FILE, STATE_FILE, LossHook, LoopSpec, train_loop_per_worker
-from raylm.train.metrics import plot_loss_curve
+from raylm.train.memory import check_memory
+from raylm.train.metrics import RUN_FIGURES, TRAIN_FIGURES, plot_loss_curve
 
 RAY_DIR = "ray"
 
 
 def model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "train") -> GPTConfig:
-    """The GPTConfig of `train_cfg.model`, sized to the token data's vocabulary and sequence length."""
+    """The GPTConfig of `train_cfg.model`, sized to the token data's vocabulary and sequence length.
+
+    With train.init_from, the base model's config (train.model may only change dropout).
+    """
+    if train_cfg.init_from:
+        return init_model_config(train_cfg, meta, section)[0]
     try:
-        return train_cfg.model.gpt_config(vocab_size=meta.vocab_size, block_size=meta.seq_len)
+        gpt = train_cfg.model.gpt_config(vocab_size=meta.vocab_size, block_size=meta.seq_len)
     except ValueError as e:
         raise ConfigError(f"{section}.model: {e}") from None
+    if train_cfg.objective == "masked":  # a masked-LM encoder sees the whole sequence
+        gpt = dataclasses.replace(gpt, attention="bidirectional")
+    return gpt
 
 
 def _check_data(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig) -> None:
     """Fail on the driver, naming the path, when the data cannot feed every worker or the model."""
-    need_train = train_cfg.micro_batch_size * train_cfg.num_workers
+    # Each data-parallel rank reads its own share; the stages of one pipeline share theirs.
+    dp = train_cfg.data_parallel_size
+    need_train = train_cfg.micro_batch_size * dp
     have = meta.num_sequences.get("train", 0)
     if have < need_train:
         raise InputError(
-            f"{meta.split_dir('train')}: {have} sequences, need at least micro_batch_size x num_workers = {need_train}"
+            f"{meta.split_dir('train')}: {have} sequences, need at least micro_batch_size x data-parallel size = {need_train}"
         )
-    if meta.num_sequences.get("validation", 0) < train_cfg.num_workers:
+    if meta.num_sequences.get("validation", 0) < dp:
         raise InputError(
             f"{meta.split_dir('validation')}: {meta.num_sequences.get('validation', 0)} sequences,"
-            f" need at least one per worker ({train_cfg.num_workers})"
+            f" need at least one per data-parallel rank ({dp})"
         )
     if gpt.block_size < meta.seq_len:
         raise InputError(
@@ -79,8 +95,8 @@ def build_trainer(
 ):
     """A TorchTrainer training `train_cfg` with DeepSpeed; `fit()` it to run.
 
-    Workers report `step, loss, val_loss, val_ppl, lr, tokens_per_s, step_time_s, elapsed_s`
-    at every evaluation and at the end, with a checkpoint at checkpoint steps and at the end
+    Workers report `step, loss, val_loss, val_ppl, val_bpb, lr, grad_norm, tokens_per_s, mfu, step_time_s`
+    and its parts, `peak_rss_mb, params_per_worker, peak_flops_per_worker, elapsed_s` at every evaluation and at the end, with a checkpoint at checkpoint steps and at the end
     (the final one holds the exported model in `model/`). Re-fitting with the same
     `storage_path` and `run_name` resumes from the latest checkpoint.
 
@@ -101,15 +117,24 @@ def build_trainer(
     if "://" not in train_cfg.data:  # workers run in other directories: they get the absolute path
         train_cfg = train_cfg.model_copy(update={"data": str(Path(train_cfg.data).resolve())})
     gpt = model or model_config(train_cfg, meta, section)
+    train_cfg, export_extra = prepare_finetune(train_cfg, meta, gpt, export_extra, section)  # init_from, LoRA, SFT
+    check_pipeline(train_cfg, gpt, section, distill=loss_hook is not None)
+    check_spread_possible(train_cfg, section)
     _check_data(train_cfg, meta, gpt)
+    check_memory(train_cfg, gpt, meta.seq_len, section)  # a model too large for the workers: refused here
     storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
+    if "://" not in storage_path:
+        # The checkpoint this run would resume from: a truncated or tampered one fails here, naming its file.
+        resume_from = latest_run_checkpoint(Path(storage_path) / run_name)
+        if resume_from is not None:
+            verify_checkpoint(resume_from)
     tensorboard_dir = None
     if train_cfg.tensorboard and "://" not in storage_path:
         tensorboard_dir = os.path.join(storage_path, run_name, "tensorboard")
     spec = LoopSpec(
         train=train_cfg,
         model=gpt.to_dict(),
-        deepspeed=deepspeed_config(train_cfg, data_parallel_size=train_cfg.num_workers, section=section),
+        deepspeed=deepspeed_config(train_cfg, data_parallel_size=train_cfg.data_parallel_size, section=section),
         tokenizer_file=str(meta.tokenizer_file.resolve()),
         eos_token_id=meta.eos_token_id,
         run_name=run_name,
@@ -117,6 +142,7 @@ def build_trainer(
         tensorboard_dir=tensorboard_dir,
         loss_hook=loss_hook,
         export_extra=dict(export_extra or {}),
+        objective=build_objective(train_cfg, meta, seed, section),
     )
     worker_env = {} if train_cfg.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}}
     return TorchTrainer(
@@ -127,6 +153,9 @@ def build_trainer(
             num_workers=train_cfg.num_workers,
             use_gpu=train_cfg.use_gpu,
             resources_per_worker={"CPU": train_cfg.cpus_per_worker},
+            # Ray Train V2 numbers world ranks grouped by node, and stage s holds ranks [s * dp, (s + 1) * dp):
+            # spreading the workers over as many nodes as there are stages gives each stage its own node.
+            placement_strategy="SPREAD" if train_cfg.pipeline_placement == "spread" else "PACK",
         ),
         run_config=RunConfig(
             name=run_name,
@@ -189,10 +218,14 @@ def fit_to_output(
         "val_ppl": final["val_ppl"],
         "tokens_per_s": final["tokens_per_s"],
         "step_time_s": final.get("step_time_s"),
+        # the last window's figures (raylm.train.metrics.TRAIN_FIGURES) and the run's own
+        **{k: final[k] for k in (*TRAIN_FIGURES, *RUN_FIGURES, "val_bpb") if k in final},
         "seconds": round(seconds, 1),
         "num_params": model_meta["num_params"],
         "export_max_abs_diff": export_check(out.tmp / MODEL_DIR, probe),
         "resumed_from_step": final.get("start_step", 0),
+        # pipeline runs: the Ray node ids of each stage's workers, as the workers saw them
+        **({"pipeline_stage_nodes": final["pipeline_stage_nodes"]} if "pipeline_stage_nodes" in final else {}),
         **(extra or {}),
     }
     history = state["history"]
@@ -223,13 +256,16 @@ def run_train(cfg) -> dict:
     if not ray.is_initialized():
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
     tc = cfg.train
-    with stage_output(tc.output, "train", stage_config(tc, cfg.run.seed), [tc.data], cfg.run.overwrite) as out:
+    inputs = [tc.data, *([tc.init_from] if tc.init_from else [])]  # a retrained base is a new run
+    with stage_output(tc.output, "train", stage_config(tc, cfg.run.seed), inputs, cfg.run.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": str(out.path)}
         storage = ray_storage(tc.output, out.manifest["fingerprint"])
         trainer = build_trainer(tc, run_name=cfg.run.name, storage_path=str(storage), seed=cfg.run.seed)
         m = tc.model
         title = f"{cfg.run.name}: preset {m.preset}, {tc.num_workers} workers, ZeRO {tc.zero_stage}, {tc.precision}"
+        if tc.pipeline_stages > 1:
+            title += f", {tc.pipeline_stages} pipeline stages x {tc.data_parallel_size} data-parallel"
         summary = fit_to_output(trainer, out, storage=storage, run_name=cfg.run.name, title=title)
         out.stats = summary
     return summary
