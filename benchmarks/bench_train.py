@@ -1,0 +1,314 @@
+"""Train stage: overhead against a bare PyTorch loop, memory per ZeRO stage, and learning.
+
+    python benchmarks/bench_train.py                          # every section, full size (~25 min on 2 quiet cores)
+    python benchmarks/bench_train.py --steps 30 --iters 100   # a quick check that every section runs end to end
+    python benchmarks/bench_train.py --sections overhead --presets demo,10m
+
+Token data: the bundled corpus through raylm's own prepare and tokenize stages at configs/demo.yaml's
+settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache/ (train_common.py).
+
+1. overhead: steady-state tokens/s of `raylm train` with 1 Ray Train worker (DeepSpeed ZeRO 0 and 1,
+   fp32) against a bare PyTorch loop in this process: the same GPT, batch (micro-batch 16 x 128 tokens),
+   seed, AdamW parameter groups, LR schedule, gradient clipping, torch thread count and data order (read
+   from the token shards by numpy memmap). Steady state: the log windows after the first --skip-steps
+   steps (raylm reports tokens/s per window; the bare loop is timed the same way). Then data-parallel
+   scaling: 1 worker with all --threads, 1 worker with 1 thread, 2 workers with 1 thread each (the
+   machine has 2 cores: two workers split them, so "2 workers / 1 worker x 2 threads" compares data
+   parallelism with intra-op threading on the same cores, and "2 workers / 1 worker x 1 thread" is the
+   scaling efficiency, 2.0 being perfect).
+2. memory: one model (default the 125m preset cut to 6 layers, ~46M parameters, so that parameters and
+   optimizer states dominate a worker's memory) trained for a few steps on 2 workers at ZeRO 0, 1, 2, 3:
+   per-worker peak RSS and parameter elements held per worker, as the train loop reports them
+   (`peak_rss_mb`, `params_per_worker`, the max over ranks; "n/a" where this raylm does not report them).
+   ZeRO 3 should hold about half of the parameters on each of 2 workers. Peak RSS is each process's
+   high-water mark (ru_maxrss), start-up included, when every rank builds the whole model before
+   DeepSpeed shards it.
+3. curves: loss curves of raylm (1 worker, ZeRO 1) and of the bare loop, same seed, data order and
+   budget (the same two runs as section 1 when both run): both printed at a few steps, the max and mean
+   absolute difference, and a PNG overlay in benchmarks/results/.
+4. shakespeare: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, context 64, batch 12, 2,000
+   iterations, lr 1e-3 cosine to 1e-4, beta2 0.99, weight decay 0.1, dropout 0, 100 warmup steps as in
+   its config) trained by raylm (1 worker) on the corpus's Shakespeare at character level, split 90/10
+   like nanoGPT; the validation loss (over the whole validation split) against nanoGPT's published ~1.88
+   on tiny Shakespeare (1.1 MB; the bundled Shakespeare is larger and other text, so close, not equal).
+
+Results: benchmarks/results/train.json, train_curves.png, train_shakespeare_char_loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "platform"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
+# The workers' Ray Data streams inherit this (the local Ray starts from this process): no progress bars
+# between the benchmark's own lines.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+from train_common import (  # noqa: E402
+    CACHE, DEMO_CONFIG, RESULTS, bare_train, compare_curves, demo_tokens, plot_overlay, sample_steps,
+    shakespeare_char_tokens, steady_tokens_per_s,
+)  # fmt: skip
+
+CORES = os.cpu_count() or 1
+SECTIONS = ("overhead", "memory", "curves", "shakespeare")
+NANOGPT_VAL_LOSS = 1.88  # nanoGPT README: the CPU recipe on character-level tiny Shakespeare
+
+
+class Runs:
+    """raylm train runs in a scratch directory, each config run once per benchmark (sections share them)."""
+
+    def __init__(self, scratch: Path, seed: int):
+        self.scratch, self.seed = scratch, seed
+        self._done: dict[tuple, dict] = {}
+        self._bare: dict[tuple, dict] = {}
+
+    def config(self, overrides: list[str], config: Path | None = DEMO_CONFIG, workdir: Path = CACHE / "demo"):
+        from raylm.config import load_config
+
+        return load_config(config, [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides])
+
+    def raylm(self, name: str, overrides: list[str], keep: tuple[str, ...] = (), **where) -> dict:
+        """run_train on the config; returns {summary, final, history, seconds}; the output is deleted (but `keep` files)."""
+        from raylm.train.trainer import run_train
+
+        key = (tuple(overrides), tuple(sorted(where.items())))
+        if key in self._done:
+            return self._done[key]
+        output = self.scratch / f"{name}-{len(self._done)}"
+        cfg = self.config([f"run.name={name}", f"train.output={output}", "train.tensorboard=false", *overrides], **where)
+        started = time.perf_counter()
+        summary = run_train(cfg)
+        metrics = json.loads(Path(summary["metrics"]).read_text())
+        run = {"summary": summary, "final": metrics["final"], "history": metrics["history"],
+               "seconds": time.perf_counter() - started, "kept": {}}  # fmt: skip
+        for f in keep:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            target = RESULTS / f"train_{name}_{f}"
+            shutil.copy(output / f, target)
+            run["kept"][f] = str(target)
+        shutil.rmtree(output, ignore_errors=True)  # checkpoints of the bigger models are hundreds of MB
+        self._done[key] = run
+        return run
+
+    def bare(self, overrides: list[str], threads: int) -> dict:
+        """train_common.bare_train on the config, in this process with `threads` torch threads; run once per config."""
+        key = (tuple(overrides), threads)
+        if key not in self._bare:
+            cfg = self.config(overrides)
+            self._bare[key] = bare_train(cfg.train, cfg.run.seed, threads)
+        return self._bare[key]
+
+
+def speed_overrides(preset: str, args) -> list[str]:
+    """Section 1 and 3's runs: demo.yaml's batch, fp32, no evaluation or checkpoint before the end."""
+    return [
+        f"train.model.preset={preset}", "train.precision=fp32", f"train.max_steps={args.steps}",
+        f"train.log_interval_steps={args.log_every}", f"train.eval_interval_steps={args.steps}",
+        f"train.checkpoint_interval_steps={args.steps}",
+    ]  # fmt: skip
+
+
+def workers(num: int, threads: int, zero: int) -> list[str]:
+    """Overrides for `num` Ray Train workers of `threads` CPUs and torch threads each, at ZeRO stage `zero`."""
+    return [f"train.num_workers={num}", f"train.cpus_per_worker={threads}", f"train.torch_threads={threads}",
+            f"train.zero_stage={zero}"]  # fmt: skip
+
+
+def overhead(runs: Runs, args, results: dict) -> None:
+    skip = args.skip_steps
+    rows = []
+    for preset in args.presets.split(","):
+        base = speed_overrides(preset, args)
+        bare = runs.bare([*base, *workers(1, args.threads, 1)], args.threads)
+        bare_tps = steady_tokens_per_s(bare["history"], skip)
+        entry = {"preset": preset, "bare_tokens_per_s": bare_tps, "bare_seconds": bare["seconds"], "raylm": {}}
+        for zero in (0, 1):
+            run = runs.raylm(f"overhead-{preset}-z{zero}", [*base, *workers(1, args.threads, zero)])
+            tps = steady_tokens_per_s(run["history"], skip)
+            entry["num_params"] = run["summary"]["num_params"]
+            entry["raylm"][f"zero{zero}"] = {"tokens_per_s": tps, "ratio": tps / bare_tps, "fit_seconds": run["summary"]["seconds"]}
+        rows.append(entry)
+    results["overhead"] = rows
+    micro = runs.config([]).train.micro_batch_size
+    print(f"\n== overhead: raylm (1 Ray Train worker, DeepSpeed, fp32) vs a bare PyTorch loop; micro-batch {micro} x "
+          f"128 tokens, {args.steps} steps, steady state after step {skip}, {args.threads} torch threads ==")  # fmt: skip
+    print(f"{'preset':>7} {'params':>10} {'bare tok/s':>11} {'ZeRO 0 tok/s':>13} {'ratio':>6} {'ZeRO 1 tok/s':>13} {'ratio':>6}"
+          f" {'fit s (Z0, Z1)':>15}")  # fmt: skip
+    for r in rows:
+        z0, z1 = r["raylm"]["zero0"], r["raylm"]["zero1"]
+        print(f"{r['preset']:>7} {r['num_params']:>10,} {r['bare_tokens_per_s']:>11,.0f} {z0['tokens_per_s']:>13,.0f} "
+              f"{z0['ratio']:>6.3f} {z1['tokens_per_s']:>13,.0f} {z1['ratio']:>6.3f} "
+              f"{z0['fit_seconds']:>7.0f} {z1['fit_seconds']:>7.0f}")  # fmt: skip
+    print("target: ratio >= 0.9 (fit s: the whole Ray Train fit, start-up, export and checkpoint included)")
+
+    preset = args.presets.split(",")[0]
+    base = speed_overrides(preset, args)
+    full = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)])
+    one = runs.raylm(f"scaling-{preset}-1x1", [*base, *workers(1, 1, 1)])
+    two = runs.raylm(f"scaling-{preset}-2x1", [*base, *workers(2, 1, 1)])
+    tps = {k: steady_tokens_per_s(r["history"], skip) for k, r in (("1x_all", full), ("1x1", one), ("2x1", two))}
+    results["scaling"] = {
+        "preset": preset, "threads": args.threads, "tokens_per_s": tps,
+        "ratio_2x1_over_1x_all": tps["2x1"] / tps["1x_all"], "ratio_2x1_over_1x1": tps["2x1"] / tps["1x1"],
+    }  # fmt: skip
+    s = results["scaling"]
+    print(f"\n== data-parallel scaling, preset {preset}, ZeRO 1, global batch = workers x {micro} sequences, {CORES} cores ==")
+    print(f"1 worker x {args.threads} threads: {tps['1x_all']:,.0f} tokens/s; 1 worker x 1 thread: {tps['1x1']:,.0f}; "
+          f"2 workers x 1 thread: {tps['2x1']:,.0f}")  # fmt: skip
+    print(f"ratio 2 workers / 1 worker x {args.threads} threads (same cores): {s['ratio_2x1_over_1x_all']:.2f}; "
+          f"2 workers / 1 worker x 1 thread: {s['ratio_2x1_over_1x1']:.2f} (2.00 = perfect)")  # fmt: skip
+
+
+def memory(runs: Runs, args, results: dict) -> None:
+    base = [
+        f"train.model.preset={args.memory_preset}", f"train.max_steps={args.memory_steps}", "train.micro_batch_size=1",
+        "train.log_interval_steps=1", f"train.eval_interval_steps={args.memory_steps}",
+        f"train.checkpoint_interval_steps={args.memory_steps}", "train.eval_batches=1", "train.precision=fp32",
+    ]  # fmt: skip
+    if args.memory_layers:
+        base.append(f"train.model.n_layer={args.memory_layers}")
+    rows = []
+    for zero in (0, 1, 2, 3):
+        run = runs.raylm(f"memory-z{zero}", [*base, *workers(2, 1, zero)])
+        rows.append({
+            "zero_stage": zero, "num_params": run["summary"]["num_params"],
+            "peak_rss_mb": reported(run, "peak_rss_mb"), "params_per_worker": reported(run, "params_per_worker"),
+            "fit_seconds": run["summary"]["seconds"], "loss": run["summary"]["loss"],
+        })  # fmt: skip
+    results["memory"] = rows
+    layers = f", {args.memory_layers} layers" if args.memory_layers else ""
+    print(f"\n== memory: preset {args.memory_preset}{layers} ({rows[0]['num_params']:,} params), 2 workers, fp32, "
+          f"micro-batch 1 x 128 tokens, {args.memory_steps} steps ==")  # fmt: skip
+    print(f"{'ZeRO':>4} {'peak RSS MB/worker':>19} {'params/worker':>14} {'of all':>7} {'fit s':>6}")
+    for r in rows:
+        rss = f"{r['peak_rss_mb']:,.0f}" if r["peak_rss_mb"] is not None else "n/a"
+        held = f"{r['params_per_worker']:,}" if r["params_per_worker"] is not None else "n/a"
+        frac = f"{r['params_per_worker'] / r['num_params']:.2f}" if r["params_per_worker"] is not None else "n/a"
+        print(f"{r['zero_stage']:>4} {rss:>19} {held:>14} {frac:>7} {r['fit_seconds']:>6.0f}")
+    print("expected: ZeRO 3 holds about 1/2 of the parameters on each of 2 workers. Peak RSS is each process's "
+          "high-water mark, start-up included (every rank builds the whole model before DeepSpeed shards it)")  # fmt: skip
+
+
+def reported(run: dict, key: str):
+    """A figure of the run: from its summary, else its final metrics, else the largest in its history; None if absent."""
+    for source in (run["summary"], run["final"]):
+        if source.get(key) is not None:
+            return source[key]
+    seen = [h[key] for h in run["history"] if h.get(key) is not None]
+    return max(seen) if seen else None
+
+
+def curves(runs: Runs, args, results: dict) -> None:
+    preset = args.presets.split(",")[0]
+    base = speed_overrides(preset, args)
+    bare = runs.bare([*base, *workers(1, args.threads, 1)], args.threads)
+    run = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)])
+    c = compare_curves(run["history"], bare["history"])
+    png = plot_overlay({"raylm (1 worker, ZeRO 1)": run["history"], "bare PyTorch loop": bare["history"]},
+                       RESULTS / "train_curves.png", f"preset {preset}: same seed, data order and budget")  # fmt: skip
+    results["curves"] = {
+        "preset": preset, "steps": args.steps, **c, "raylm_val_loss": run["summary"]["val_loss"],
+        "bare_val_loss": bare["val_loss"], "png": str(png),
+    }  # fmt: skip
+    print(f"\n== learning: raylm vs the bare loop, preset {preset}, seed {runs.seed}, {args.steps} steps "
+          "(training loss = mean over each log window) ==")  # fmt: skip
+    print(f"{'step':>6} {'raylm':>8} {'bare':>8} {'diff':>9}")
+    values = dict(zip(c["steps"], zip(c["a"], c["b"])))
+    for step in sample_steps(c["steps"], 8):
+        a, b = values[step]
+        print(f"{step:>6} {a:>8.4f} {b:>8.4f} {a - b:>+9.2e}")
+    print(f"max |diff| {c['max_abs_diff']:.2e}, mean |diff| {c['mean_abs_diff']:.2e} over {len(c['steps'])} windows; "
+          f"validation loss raylm {run['summary']['val_loss']:.4f}, bare {bare['val_loss']:.4f}; overlay: {png}")  # fmt: skip
+
+
+def shakespeare(runs: Runs, args, results: dict) -> None:
+    block, batch = 64, 12
+    token_cfg, data = shakespeare_char_tokens(seq_len=block)
+    tokens = Path(token_cfg.tokenize.output)
+    iters = args.iters
+    val_batches = data["sequences"]["validation"] // batch
+    overrides = [
+        "train.model.preset=demo", "train.model.dropout=0.0", *workers(1, args.threads, 1), "train.precision=fp32",
+        f"train.micro_batch_size={batch}", f"train.max_steps={iters}", "train.optimizer.lr=1e-3",
+        "train.optimizer.min_lr_ratio=0.1", "train.optimizer.beta2=0.99", "train.optimizer.weight_decay=0.1",
+        f"train.optimizer.warmup_steps={min(100, iters // 10)}", "train.optimizer.grad_clip=1.0",
+        f"train.log_interval_steps={max(1, iters // 40)}", f"train.eval_interval_steps={max(1, iters // 4)}",
+        f"train.checkpoint_interval_steps={iters}", f"train.eval_batches={val_batches}", f"train.data={tokens}",
+        "prepare.input=unused", f"tokenize.input={token_cfg.tokenize.input}", f"tokenize.output={tokens}",
+    ]  # fmt: skip
+    run = runs.raylm("shakespeare_char", overrides, keep=("loss_curve.png",), config=None, workdir=CACHE / "shakespeare_char")
+    s = run["summary"]
+    vals = [(h["step"], h["val_loss"]) for h in run["history"] if "val_loss" in h]
+    results["shakespeare"] = {
+        "iters": iters, "block_size": block, "batch_size": batch, "num_params": s["num_params"],
+        "tokenization": "character level: tokenizers BPE with the text's characters as vocabulary and no merges, "
+                        "plus <|endoftext|> between documents",
+        **data, "val_loss": s["val_loss"], "train_loss": s["loss"], "val_curve": vals,
+        "nanogpt_val_loss": NANOGPT_VAL_LOSS, "ratio_to_nanogpt": s["val_loss"] / NANOGPT_VAL_LOSS,
+        "fit_seconds": s["seconds"], "tokens_per_s": s["tokens_per_s"], "png": run["kept"].get("loss_curve.png"),
+    }  # fmt: skip
+    r = results["shakespeare"]
+    print(f"\n== learning: nanoGPT's CPU recipe on character-level Shakespeare, trained by raylm (1 worker), {iters} iterations ==")
+    print(f"data: {r['documents']['train']} + {r['documents']['validation']} documents, {r['chars']['train']:,} + "
+          f"{r['chars']['validation']:,} characters (train + validation, 90/10; validation: {', '.join(r['validation_works'])}); "
+          f"tiny Shakespeare has 1,115,394")  # fmt: skip
+    print(f"tokens: {r['tokenization']}; vocabulary {r['vocab_size']} (tiny Shakespeare: 65); "
+          f"{r['sequences']['train']:,} + {r['sequences']['validation']:,} rows of {block} + 1")  # fmt: skip
+    print(f"model: {r['num_params']:,} params (4 layers, 4 heads, 128 wide), batch {batch}, context {block}; "
+          f"{r['fit_seconds']:.0f} s, {r['tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+    print("validation loss by step: " + ", ".join(f"{step}: {v:.3f}" for step, v in vals))
+    print(f"final train loss {r['train_loss']:.3f}, validation loss {r['val_loss']:.3f} (whole validation split); "
+          f"nanoGPT reports ~{NANOGPT_VAL_LOSS} at 2,000 iterations: ratio {r['ratio_to_nanogpt']:.2f}; curve: {r['png']}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
+    parser.add_argument("--steps", type=int, default=300, help="steps of each overhead / curves run")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per log window (a tokens/s and loss figure)")
+    parser.add_argument("--skip-steps", type=int, default=None, help="steps left out of the steady state (default: 10%%, at least one window)")
+    parser.add_argument("--presets", default="demo", help="model presets of the overhead section (the first also for scaling and curves)")
+    parser.add_argument("--threads", type=int, default=CORES, help="torch threads of the single-worker runs and the bare loop")
+    parser.add_argument("--memory-preset", default="125m")
+    parser.add_argument("--memory-layers", type=int, default=6, help="n_layer override of the memory model (0: the preset's)")
+    parser.add_argument("--memory-steps", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=2000, help="iterations of the Shakespeare run (nanoGPT: 2000)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.skip_steps is None:
+        args.skip_steps = max(args.log_every, args.steps // 10 // args.log_every * args.log_every)
+    if args.skip_steps >= args.steps:
+        parser.error(f"--skip-steps {args.skip_steps} leaves no window of the {args.steps} steps")
+
+    from raylm.runtime import init_ray
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict = {"cores": CORES, "args": vars(args)}
+    init_ray(num_cpus=max(4, 2 * CORES))  # logical CPUs: the workers hold theirs, Ray Data's 0-CPU reads run beside
+    demo_tokens()
+    with tempfile.TemporaryDirectory(prefix="raylm-bench-train-") as scratch:
+        runs = Runs(Path(scratch), args.seed)
+        sections = {"overhead": overhead, "memory": memory, "curves": curves, "shakespeare": shakespeare}
+        for name in SECTIONS:
+            if name in chosen:
+                sections[name](runs, args, results)
+                (RESULTS / "train.json").write_text(json.dumps(results, indent=2, default=str))  # after each section
+    print(f"\nresults: {RESULTS / 'train.json'}")
+
+
+if __name__ == "__main__":
+    main()

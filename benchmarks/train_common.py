@@ -1,0 +1,305 @@
+"""Shared parts of the train benchmark: cached token data, a bare PyTorch training loop, curve arithmetic.
+
+Token data (cached under benchmarks/results/cache/, so a second run skips straight to training):
+- demo: the bundled corpus through raylm's own prepare and tokenize stages at configs/demo.yaml's
+  settings (byte-level BPE 4,096, seq_len 128);
+- Shakespeare, character level: the Shakespeare documents of that prepare output (the works whose
+  author is Shakespeare in the corpus's ATTRIBUTION.md; planted variants left out), in id order,
+  the first 90% of the characters for training and the rest for validation (cut at a document
+  boundary, as nanoGPT cuts its one file at 90%), tokenized by raylm's tokenize stage with a
+  character vocabulary: a `tokenizers` BPE model whose vocabulary is the text's distinct
+  characters and which has no merges, so every character is one token (plus <|endoftext|>).
+
+The bare loop is what raylm's worker loop does without Ray or DeepSpeed, in this process: the
+same GPT (same seed, so the same initial weights), raylm.train.loop.build_optimizer (AdamW, the
+same parameter groups) and lr_factor (the same schedule), gradient clipping by
+`torch.nn.utils.clip_grad_norm_`, and the same micro-batches in the same order, gathered from the
+memory-mapped token shards with the SequenceOrder that raylm's data stream uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = RESULTS / "cache"
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+ATTRIBUTION = ROOT / "platform/raylm/assets/demo_corpus/ATTRIBUTION.md"
+
+
+def demo_tokens(workdir: Path = CACHE / "demo"):
+    """configs/demo.yaml's prepare and tokenize stages run on the bundled corpus into `workdir` (no-ops when cached).
+
+    Returns the resolved config, whose train.data is the token output.
+    """
+    from raylm.config import load_config
+    from raylm.data.prepare import run_prepare
+    from raylm.tokenize.pipeline import run_tokenize
+
+    # overwrite: a cache written by an older config is replaced, not an error
+    cfg = load_config(DEMO_CONFIG, [f"run.workdir={workdir.resolve()}", "run.overwrite=true"])
+    run_prepare(cfg)
+    run_tokenize(cfg)
+    return cfg
+
+
+def shakespeare_works(attribution: Path = ATTRIBUTION) -> set[str]:
+    """Work ids of the bundled corpus whose author is Shakespeare, read from the table in ATTRIBUTION.md."""
+    works = set()
+    for line in attribution.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[2].startswith("Shakespeare"):
+            works.add(cells[0])
+    if not works:
+        raise RuntimeError(f"{attribution}: no work by Shakespeare found in its table")
+    return works
+
+
+def read_prepared(prepared: Path) -> list[tuple[str, str]]:
+    """(id, text) of every document of a prepare output, both splits."""
+    import pyarrow.parquet as pq
+
+    docs = []
+    for split in ("train", "validation"):
+        for f in sorted((prepared / split).glob("*.parquet")):
+            table = pq.read_table(f, columns=["id", "text"])
+            docs += zip(table.column("id").to_pylist(), table.column("text").to_pylist())
+    return docs
+
+
+def select_works(docs: list[tuple[str, str]], works: set[str]) -> list[tuple[str, str]]:
+    """The documents `<work>/<number>` of these works, in id order; planted variants (`...#copy`) left out."""
+    keep = [(i, t) for i, t in docs if "#" not in i and i.split("/", 1)[0] in works]
+    return sorted(keep)
+
+
+def split_by_chars(docs: list[tuple[str, str]], train_fraction: float = 0.9) -> tuple[list, list]:
+    """(train, validation): the first documents holding `train_fraction` of the characters, and the rest."""
+    sizes = np.cumsum([len(t) for _, t in docs])
+    cut = int(np.searchsorted(sizes, train_fraction * sizes[-1], side="right"))
+    cut = min(max(cut, 1), len(docs) - 1)  # both splits get at least one document
+    return docs[:cut], docs[cut:]
+
+
+def char_tokenizer(texts: list[str]):
+    """A `tokenizers` Tokenizer with one token per distinct character of `texts` (a BPE without merges)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    chars = sorted(set().union(*map(set, texts)))
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    tokenizer.decoder = decoders.Fuse()  # ids -> the characters joined, nothing in between
+    return tokenizer
+
+
+def write_prepared(root: Path, splits: dict[str, list[tuple[str, str]]], config: dict):
+    """A prepare-shaped output (one Parquet file of id, text per split) that raylm's tokenize stage reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raylm.artifacts import stage_output
+
+    with stage_output(root, "prepare", config, overwrite=True) as out:
+        if not out.done:
+            for split, docs in splits.items():
+                (out.tmp / split).mkdir()
+                ids, texts = zip(*docs)
+                pq.write_table(pa.table({"id": list(ids), "text": list(texts)}), out.tmp / split / "part-00000.parquet")
+            out.stats = {split: {"documents": len(d), "chars": sum(len(t) for _, t in d)} for split, d in splits.items()}
+    return root
+
+
+def shakespeare_char_tokens(seq_len: int, workdir: Path = CACHE / "shakespeare_char"):
+    """Character-level Shakespeare token data (cached); returns (config with tokenize.output set, data stats)."""
+    from raylm.config import load_config
+    from raylm.tokenize.pipeline import run_tokenize
+
+    demo = demo_tokens()
+    docs = select_works(read_prepared(Path(demo.prepare.output)), shakespeare_works())
+    train, validation = split_by_chars(docs, 0.9)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer_file = workdir / "chars.json"
+    tokenizer_json = char_tokenizer([t for _, t in docs]).to_str()
+    if not tokenizer_file.exists() or tokenizer_file.read_text() != tokenizer_json:  # its mtime is in tokenize's fingerprint
+        tokenizer_file.write_text(tokenizer_json)
+    prepared = write_prepared(workdir / "prepared", {"train": train, "validation": validation},
+                              {"shakespeare_char": [i for i, _ in docs], "train_fraction": 0.9})  # fmt: skip
+    cfg = load_config(None, [
+        f"run.workdir={workdir.resolve()}", "run.overwrite=true", "prepare.input=unused", f"tokenize.input={prepared.resolve()}",
+        f"tokenize.tokenizer={tokenizer_file.resolve()}", f"tokenize.seq_len={seq_len}",
+        f"tokenize.output={(workdir / f'tokens-{seq_len}').resolve()}",
+    ])  # fmt: skip
+    stats = run_tokenize(cfg)
+    data = {
+        "documents": {"train": len(train), "validation": len(validation)},
+        "chars": {"train": sum(len(t) for _, t in train), "validation": sum(len(t) for _, t in validation)},
+        "vocab_size": stats["vocab_size"],
+        "tokens": stats["tokens"],
+        "sequences": stats["num_sequences"],
+        "validation_works": sorted({i.split("/")[0] for i, _ in validation}),
+    }
+    return cfg, data
+
+
+def bare_train(train_cfg, seed: int, threads: int) -> dict:
+    """`train_cfg` trained by a plain PyTorch loop in this process; returns {history, val_loss, seconds}.
+
+    history: one entry per log window, as raylm's (step, loss = window mean, lr, step_time_s, tokens_per_s).
+    val_loss: mean cross-entropy over the validation batches raylm evaluates (the split's first
+    eval_batches micro-batches in file order), after the last step.
+    """
+    import torch
+
+    from raylm.model.gpt import GPT
+    from raylm.tokenize.ingest import SequenceOrder
+    from raylm.tokenize.shards import TokenSplit, read_token_meta
+    from raylm.train.loop import build_optimizer, lr_factor
+    from raylm.train.trainer import model_config
+
+    torch.set_num_threads(threads)
+    meta = read_token_meta(train_cfg.data)
+    torch.manual_seed(seed)  # as raylm's engine build: the same initial weights
+    model = GPT(model_config(train_cfg, meta))
+    model.train()
+    optimizer = build_optimizer(model, train_cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, opt=train_cfg.optimizer, max_steps=train_cfg.max_steps)
+    )
+    micro, accum = train_cfg.micro_batch_size, train_cfg.grad_accum_steps
+    order = SequenceOrder(meta.num_sequences["train"], micro, 1, seed, train_cfg.shuffle)
+    rows = TokenSplit(meta, "train")
+    epoch_rows = functools.lru_cache(maxsize=2)(lambda e: order.epoch_indices(e, 0))  # (batches, micro)
+    tokens_per_step = micro * accum * meta.seq_len
+    history, losses, consumed = [], [], 0
+    window_start, last_step = time.perf_counter(), 0
+    started = time.perf_counter()
+    for step in range(1, train_cfg.max_steps + 1):
+        for _ in range(accum):
+            epoch, b = divmod(consumed, order.batches_per_epoch)
+            batch = torch.from_numpy(rows.rows(epoch_rows(epoch)[b]).astype(np.int64))  # (micro, seq_len + 1)
+            consumed += 1
+            _, loss = model(*_pair(batch))
+            (loss / accum).backward()  # DeepSpeed scales by 1 / accumulation steps too
+            losses.append(loss.detach())
+        if train_cfg.optimizer.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.optimizer.grad_clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % train_cfg.log_interval_steps == 0 or step == train_cfg.max_steps:
+            seconds = time.perf_counter() - window_start
+            steps = step - last_step
+            history.append({
+                "step": step, "loss": float(torch.stack(losses).mean()), "lr": schedule.get_last_lr()[0],
+                "step_time_s": seconds / steps, "tokens_per_s": tokens_per_step * steps / seconds,
+            })  # fmt: skip
+            losses, last_step, window_start = [], step, time.perf_counter()
+    seconds = time.perf_counter() - started
+    return {"history": history, "val_loss": validation_loss(model, train_cfg, meta), "seconds": seconds}
+
+
+def validation_loss(model, train_cfg, meta) -> float:
+    """Mean next-token cross-entropy over the validation micro-batches raylm's loop evaluates on one worker."""
+    import torch
+
+    from raylm.tokenize.ingest import SequenceOrder
+    from raylm.tokenize.shards import TokenSplit
+
+    n = meta.num_sequences["validation"]
+    micro = max(1, min(train_cfg.micro_batch_size, n))
+    order = SequenceOrder(n, micro, 1, seed=0, shuffle=False)
+    split = TokenSplit(meta, "validation")
+    batches = order.epoch_indices(0, 0)[: min(train_cfg.eval_batches, order.batches_per_epoch)]
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(*_pair(torch.from_numpy(split.rows(i).astype(np.int64))))[1]) for i in batches]
+    model.train()
+    return float(np.mean(losses))
+
+
+def _pair(batch):
+    """(B, T + 1) rows -> inputs (B, T), targets (B, T), contiguous as raylm's loop makes them."""
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def steady_tokens_per_s(history: list[dict], skip_steps: int) -> float | None:
+    """Tokens per second over the log windows that end after `skip_steps`: their tokens over their seconds.
+
+    Each window's seconds are step_time_s x its steps, so evaluation and checkpoint time between
+    windows is not counted. None when no window is left.
+    """
+    windows = [h for h in history if "tokens_per_s" in h]
+    tokens = seconds = 0.0
+    previous = 0
+    for h in windows:
+        steps = h["step"] - previous
+        previous = h["step"]
+        if h["step"] <= skip_steps:
+            continue
+        window_s = h["step_time_s"] * steps
+        tokens += h["tokens_per_s"] * window_s
+        seconds += window_s
+    return tokens / seconds if seconds > 0 else None
+
+
+def compare_curves(a: list[dict], b: list[dict], key: str = "loss") -> dict:
+    """Two histories' `key` at the steps both logged: {steps, a, b, max_abs_diff, mean_abs_diff}."""
+    av = {h["step"]: h[key] for h in a if key in h}
+    bv = {h["step"]: h[key] for h in b if key in h}
+    steps = sorted(av.keys() & bv.keys())
+    if not steps:
+        raise ValueError(f"the two histories share no step with {key!r}")
+    diffs = np.abs(np.array([av[s] for s in steps]) - np.array([bv[s] for s in steps]))
+    return {
+        "steps": steps,
+        "a": [av[s] for s in steps],
+        "b": [bv[s] for s in steps],
+        "max_abs_diff": float(diffs.max()),
+        "mean_abs_diff": float(diffs.mean()),
+    }
+
+
+def sample_steps(steps: list[int], count: int) -> list[int]:
+    """About `count` steps spread evenly over `steps`, always the first and the last."""
+    if len(steps) <= count:
+        return list(steps)
+    picks = np.linspace(0, len(steps) - 1, count).round().astype(int)
+    return [steps[i] for i in sorted(set(picks.tolist()))]
+
+
+def plot_overlay(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
+    """Training loss of several histories against step, overlaid, with the difference to the first below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(curves)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=120, sharex=True, height_ratios=[3, 1])
+    for name, style in zip(names, ("-", "--", ":")):
+        points = [(h["step"], h["loss"]) for h in curves[name] if "loss" in h]
+        top.plot(*zip(*points), style, label=name)
+    for name in names[1:]:
+        c = compare_curves(curves[names[0]], curves[name])
+        bottom.plot(c["steps"], np.array(c["b"]) - np.array(c["a"]), label=f"{name} - {names[0]}")
+    top.set_ylabel("training loss (nats/token)")
+    top.set_title(title)
+    top.grid(alpha=0.3)
+    top.legend()
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylabel("difference")
+    bottom.grid(alpha=0.3)
+    bottom.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
