@@ -24,16 +24,6 @@ from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer
 
 
-def _make_token_data(path: Path):
-    """tests/integration/test_train.py's token data (pytest imports test files by path, not as a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("raylm_test_train_helpers", Path(__file__).with_name("test_train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_token_data(path)
-
-
 MAX_STEPS = 40
 CHECKPOINT_STEPS = 8
 
@@ -92,8 +82,8 @@ def _train_worker_pids() -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def tokens(ray_local, tmp_path_factory):
-    return _make_token_data(tmp_path_factory.mktemp("faults") / "tokens")
+def tokens(ray_local, make_tokens, tmp_path_factory):
+    return make_tokens(tmp_path_factory.mktemp("faults") / "tokens")
 
 
 @pytest.fixture(scope="module")
