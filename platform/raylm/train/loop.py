@@ -680,9 +680,6 @@ def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: P
     copy (ZeRO 1-3, bf16): a collective, so every rank walks the parameters in the same order.
     """
     from deepspeed.utils import safe_get_full_fp32_param
-    from safetensors.torch import save_file
-
-    from raylm.model.artifact import save_model
 
     import ray.train
 
@@ -698,8 +695,21 @@ def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: P
         engine.eval()
         logits, _ = engine(probe)  # a collective under ZeRO-3
         engine.train()
-    if rank != 0:
-        return
+    if rank == 0:
+        write_export(spec, step, full, probe, logits, directory)
+
+
+def write_export(
+    spec: LoopSpec, step: int, full: dict[str, torch.Tensor], probe: torch.Tensor, logits: torch.Tensor,
+    directory: Path, extra: dict | None = None,
+) -> None:
+    """Rank 0's half of an export, for plain and pipeline engines alike: the gathered fp32 weights `full`
+    (the engine's parameter names) as a raylm-gpt model dir in `export_dtype`, LoRA merged, and the
+    engine's `logits` on `probe` beside it, to check the export against."""
+    from safetensors.torch import save_file
+
+    from raylm.model.artifact import save_model
+
     model = GPT(GPTConfig.from_dict(spec.model))
     lora = spec.train.lora
     if lora is not None:  # the engine's parameter names: the frozen base weights and the adapters
@@ -712,8 +722,8 @@ def _export(engine, spec: LoopSpec, step: int, probe: torch.Tensor, directory: P
             param.copy_(full[name])
     if lora is not None:
         model = merge_lora(model, inplace=True)  # W + (alpha / rank) * B @ A: a plain raylm-gpt model
-    extra = {"trained_steps": step, "run_name": spec.run_name, **spec.export_extra}
-    save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=extra,
+    meta = {"trained_steps": step, "run_name": spec.run_name, **(extra or {}), **spec.export_extra}
+    save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=meta,
                dtype=getattr(torch, spec.train.export_dtype))  # fmt: skip
     probe_tensors = {"input_ids": probe.cpu().contiguous(), "logits": logits.float().cpu().contiguous()}
     save_file(probe_tensors, str(directory / PROBE_FILE))

@@ -451,28 +451,12 @@ def state_dict_from_checkpoint(deepspeed_dir: str | Path, cfg: GPTConfig, tag: s
 def export_pipeline(engine, spec, step: int, probe: torch.Tensor, directory: Path) -> None:
     """The pipeline engine's consolidated fp32 weights as a raylm-gpt model dir, plus its logits on `probe`.
 
-    What raylm.train.loop writes for a plain engine, so evaluate and serve load it unchanged;
-    a collective: every rank of every stage calls it.
+    What raylm.train.loop writes for a plain engine (its `write_export`), so evaluate and serve load it
+    unchanged; a collective: every rank of every stage calls it.
     """
-    from safetensors.torch import save_file
+    from raylm.train.loop import write_export  # loop imports this module; import at call time
 
-    from raylm.model.artifact import save_model
-    from raylm.train.loop import MODEL_DIR, PROBE_FILE  # loop imports this module; import at call time
-
-    gpt_cfg = GPTConfig.from_dict(spec.model)
-    full = full_state_dict(engine, gpt_cfg)
+    full = full_state_dict(engine, GPTConfig.from_dict(spec.model))
     logits = probe_logits(engine, probe)
-    if full is None:  # not world rank 0
-        return
-    model = GPT(gpt_cfg)
-    missing = {name for name, _ in model.named_parameters()} - set(full)
-    if missing:
-        raise RuntimeError(f"export: parameters missing from the pipeline stages: {sorted(missing)}")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(full[name])
-    extra = {"trained_steps": step, "run_name": spec.run_name, "pipeline_stages": spec.train.pipeline_stages,
-             **spec.export_extra}  # fmt: skip
-    save_model(directory / MODEL_DIR, model, spec.tokenizer_file, eos_token_id=spec.eos_token_id, extra=extra)
-    probe_tensors = {"input_ids": probe.cpu().contiguous(), "logits": logits.contiguous()}
-    save_file(probe_tensors, str(directory / PROBE_FILE))
+    if full is not None:  # world rank 0
+        write_export(spec, step, full, probe, logits, directory, extra={"pipeline_stages": spec.train.pipeline_stages})
