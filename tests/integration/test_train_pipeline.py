@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -19,42 +18,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from raylm.artifacts import stage_output
 from raylm.config import load_config
 from raylm.errors import ConfigError
 from raylm.model.artifact import load_model
 from raylm.tokenize.ingest import SequenceOrder, sample_checksum
-from raylm.tokenize.packing import packed_split
-from raylm.tokenize.shards import TokenMeta, read_token_meta, write_token_data
+from raylm.tokenize.shards import TokenMeta
 from raylm.train.pipeline import state_dict_from_checkpoint
 from raylm.train.trainer import build_trainer, run_train
 
 SEQ_LEN = 32
 MICRO, ACCUM = 4, 2  # two micro-batches per step, so the pipeline has something to overlap
-
-
-def make_token_data(path: Path) -> TokenMeta:
-    """A real byte-level BPE tokenizer and packed token shards of a small, learnable made-up corpus."""
-    from tokenizers import ByteLevelBPETokenizer
-
-    rng = random.Random(1)
-    who = ["the cat", "a dog", "the queen", "my friend", "the old man"]
-    did = ["sat on", "looked at", "walked to", "sang about"]
-    what = ["the mat", "a tree", "the castle", "the sea", "the moon"]
-    docs = [
-        " ".join(f"{rng.choice(who)} {rng.choice(did)} {rng.choice(what)}." for _ in range(rng.randint(3, 8)))
-        for _ in range(300)
-    ]
-    tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(docs, vocab_size=300, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
-    eos = tokenizer.token_to_id("<|endoftext|>")
-    with stage_output(path, "tokenize", {"test": "pipeline"}) as out:
-        splits = {
-            split: packed_split((tokenizer.encode(doc).ids for doc in part), eos, SEQ_LEN)
-            for split, part in (("train", docs[:270]), ("validation", docs[270:]))
-        }
-        out.stats = write_token_data(out.tmp, tokenizer, eos, splits, shard_rows=64).to_stats()
-    return read_token_meta(path)
 
 
 def overrides(root: Path, tokens: Path, *extra: str) -> list[str]:
@@ -80,8 +53,8 @@ def overrides(root: Path, tokens: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tokens(tmp_path_factory) -> TokenMeta:
-    return make_token_data(tmp_path_factory.mktemp("pipeline-tokens") / "tokens")
+def tokens(make_tokens, tmp_path_factory) -> TokenMeta:
+    return make_tokens(tmp_path_factory.mktemp("pipeline-tokens") / "tokens", seq_len=SEQ_LEN)
 
 
 @pytest.fixture(scope="module")
