@@ -4,6 +4,13 @@ A raylm checkpoint is the directory Ray Train keeps for one `ray.train.report` (
 
     <checkpoint>/deepspeed/latest, step<N>/*.pt   engine.save_checkpoint, every rank's files
     <checkpoint>/state.json                       step, model config, history, data position, tokenizer
+    <checkpoint>/complete.json                    {"step": N}: every rank's files are in storage
+
+Ray Train registers a reported checkpoint when its controller next polls the workers (every 2 s):
+a worker killed in between leaves a checkpoint that every rank finished but Ray never registered,
+and a restart from Ray's latest would lose those steps too. So once every rank's `report` has
+returned, rank 0 writes complete.json, and a restart resumes from the newest complete checkpoint
+in the run's storage when it is newer than Ray's (`resume_checkpoint`).
 
 Loading never unpickles code. DeepSpeed 0.19.8 reads its files with `torch.load(..., weights_only=False)`
 (TorchCheckpointEngine.load, and zero_to_fp32), which would run any `__reduce__` payload a tampered file
@@ -27,6 +34,7 @@ from raylm.errors import InputError
 STATE_FILE = "state.json"
 DEEPSPEED_DIR = "deepspeed"
 TOKENIZER_FILE = "tokenizer.json"
+COMPLETE_FILE = "complete.json"
 
 
 def deepspeed_safe_globals() -> list:
@@ -97,14 +105,59 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
 
 
 def latest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint a Ray Train run in `run_dir` (`<storage_path>/<name>`) resumes from; None for a new run."""
+    """The checkpoint a Ray Train run in the local `run_dir` (`<storage_path>/<name>`) resumes from; None for a new run."""
+    import pyarrow.fs
     from ray.train import Result
 
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint_manager_snapshot.json").exists():
+    if not run_dir.is_dir():
         return None
-    checkpoint = Result.from_path(str(run_dir)).checkpoint
+    registered = None
+    if (run_dir / "checkpoint_manager_snapshot.json").exists():
+        registered = Result.from_path(str(run_dir)).checkpoint
+    checkpoint = resume_checkpoint(registered, pyarrow.fs.LocalFileSystem(), str(run_dir))
     return Path(checkpoint.path) if checkpoint is not None else None
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError):  # missing (pyarrow raises FileNotFoundError, an OSError), partial or not JSON
+        return None
+
+
+def resume_checkpoint(registered, fs, run_path: str):
+    """The checkpoint to resume from: Ray Train's latest registered one (`registered`, may be None), or the newest
+    complete one under `run_path` on the pyarrow filesystem `fs` when that is at a later step."""
+    from pyarrow.fs import FileSelector, FileType
+    from ray.train import Checkpoint
+
+    best, best_step = registered, -1
+    if registered is not None:
+        state = _read_json(registered.filesystem, f"{registered.path}/{STATE_FILE}")
+        best_step = int(state["step"]) if state else -1
+    for entry in fs.get_file_info(FileSelector(run_path, allow_not_found=True)):
+        if entry.type != FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        marker = _read_json(fs, f"{entry.path}/{COMPLETE_FILE}")
+        if marker is not None and int(marker["step"]) > best_step:
+            best, best_step = Checkpoint(entry.path, filesystem=fs), int(marker["step"])
+    return best
+
+
+def mark_complete(checkpoint, step: int) -> bool:
+    """Write complete.json into a persisted checkpoint once every rank's files are in (call after a barrier that
+    follows every rank's report). False, writing nothing, when the checkpoint is not the one of `step`: Ray skips
+    a report when a worker failed meanwhile, and the latest checkpoint is then an older one."""
+    if checkpoint is None:
+        return False
+    state = _read_json(checkpoint.filesystem, f"{checkpoint.path}/{STATE_FILE}")
+    if state is None or int(state["step"]) != step:
+        return False
+    with checkpoint.filesystem.open_output_stream(f"{checkpoint.path}/{COMPLETE_FILE}") as f:
+        f.write(json.dumps({"step": step}).encode())
+    return True
 
 
 class CheckpointClock:

@@ -51,7 +51,8 @@ from raylm.train.objectives import Objective, shift as _shift
 from raylm.train import pipeline as pipe
 from raylm.train.topology import rank_coords
 from raylm.train.checkpoint import (
-    DEEPSPEED_DIR, STATE_FILE, TOKENIZER_FILE, CheckpointClock, verify_deepspeed_checkpoint,
+    DEEPSPEED_DIR, STATE_FILE, TOKENIZER_FILE, CheckpointClock, mark_complete, resume_checkpoint,
+    verify_deepspeed_checkpoint,
 )  # fmt: skip
 from raylm.train.config import OptimizerConfig, TrainConfig
 from raylm.train.finetune import load_init_weights
@@ -155,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
     placement = {"pipeline_stage_nodes": pipe.stage_nodes(coords, cfg.pipeline_placement)} if pipelined else {}
     meta = read_token_meta(cfg.data)
     order = SequenceOrder(meta.num_sequences["train"], cfg.micro_batch_size, coords.dp_size, spec.seed, cfg.shuffle)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_from(ray.train.get_checkpoint(), rank)
     state, data = _read_state(checkpoint, spec, order, rank)
     # The data stream starts now, in the background, so its first batches are ready when the engine is.
     # (Middle pipeline stages get activations from the previous stage, not data.)
@@ -612,6 +613,26 @@ def _report(
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank's report has returned: all its files are in storage
+    if log is not None:
+        mark_complete(ray.train.get_checkpoint(), step)
+
+
+def _resume_from(registered, rank: int):
+    """The checkpoint this attempt starts from (raylm.train.checkpoint.resume_checkpoint), chosen by rank 0 for all."""
+    import ray.train
+    import torch.distributed as dist
+
+    choice = [registered]
+    if rank == 0:
+        storage = ray.train.get_context().get_storage()
+        choice = [resume_checkpoint(registered, storage.storage_filesystem, storage.experiment_fs_path)]
+        if choice[0] is not None and (registered is None or choice[0].path != registered.path):
+            logger.info(f"[raylm] resuming from {choice[0].path}: complete on every rank, not yet registered by Ray Train")
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 def _global_checksum(checksum: int) -> int:
