@@ -123,6 +123,7 @@ def main() -> None:
         "kill_step": killed_at,
         "resumed_from_step": faulted["start_step"],
         "steps_lost": lost,
+        "steps_lost_within_one_interval": 0 <= lost <= args.checkpoint_steps,
         "loss_uninterrupted": steady["loss"],
         "loss_faulted": faulted["loss"],
         "loss_diff": faulted["loss"] - steady["loss"],

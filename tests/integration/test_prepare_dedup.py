@@ -196,6 +196,7 @@ def test_kept_ids_do_not_depend_on_sharding(corpus, one_run, tmp_path, shards, e
         assert ours == theirs  # same rows in the same order (by text hash)
 
 
+@pytest.mark.slow  # two prepare jobs as subprocesses, one killed midway: ~2.5 minutes on 2 cores
 def test_killed_run_resumes_to_the_same_output(ray_local, corpus, one_run, tmp_path, repo_root):
     docs, _ = corpus
     cfg1, _ = one_run

@@ -57,12 +57,9 @@ def ray_head():
         proc.kill()
         pytest.fail("ray start --head did not bring up the Jobs API within 120 s")
     yield address
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)
+    os.killpg(proc.pid, signal.SIGKILL)  # its own session: `ray start` and the processes it started
+    proc.wait()
+    subprocess.run(["pkill", "-9", "-f", temp_dir], check=False)  # any that left the session
 
 
 def test_submit_prepare_runs_on_the_cluster(ray_head, repo_root, tmp_path):

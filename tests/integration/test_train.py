@@ -120,6 +120,20 @@ def test_the_run_reports_its_training_figures_everywhere(trained):
     assert [e.step for e in events.Scalars("train/grad_norm")] == [h["step"] for h in logged]
 
 
+def test_raylm_export_consolidates_the_zero3_checkpoint_without_ray(trained, tmp_path):
+    """ZeRO 3 shards every parameter across the 2 ranks' files: `export_checkpoint` (`raylm export`) gathers them
+    in one process into the weights the live engine exported. (Before the resume test: it adds checkpoints.)"""
+    from raylm.train.checkpoint import export_checkpoint
+
+    _, summary, _ = trained
+    checkpoint = Path(summary["checkpoint"])
+    exported = load_file(str(export_checkpoint(checkpoint, tmp_path / "model") / "model.safetensors"))
+    engine_export = load_file(str(checkpoint / "model" / "model.safetensors"))
+    assert set(exported) == set(engine_export)
+    for name, value in engine_export.items():
+        torch.testing.assert_close(exported[name], value, rtol=0, atol=0)
+
+
 def test_a_run_resumes_from_its_latest_checkpoint(trained):
     """Fitting again with the same storage and name continues from step 12 instead of starting over."""
     cfg, _, tokens = trained
