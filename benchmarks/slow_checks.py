@@ -1,12 +1,13 @@
 """The checks too slow for the default test run: every test marked `slow`, with its wall time.
 
-    python benchmarks/slow_checks.py               # all of them (~12 minutes on 2 quiet cores)
+    python benchmarks/slow_checks.py               # all of them (~14 minutes on 2 quiet cores)
     python benchmarks/slow_checks.py -k multihost  # a subset (any pytest selection argument passes through)
 
 The default `python -m pytest` leaves out the tests marked `slow` (pyproject.toml: `-m 'not slow'`)
-so that the suite stays near 15 minutes on 2 cores. These are still real tests that must pass:
+so that the suite stays near 20 minutes on 2 cores. These are still real tests that must pass:
 the end-to-end `raylm demo` on configs/smoke.yaml, the multi-host cluster in network namespaces,
-pipeline stages spread over two raylets, a prepare job killed midway and resumed. This runs them
+pipeline stages spread over two raylets, a prepare job killed midway and resumed, dedup on
+another worker count, the pipeline ingest of 4 Train workers. This runs them
 through pytest and prints, per test, its outcome and seconds (setup and teardown included, from
 pytest's JUnit XML), then the total; the exit status is pytest's.
 

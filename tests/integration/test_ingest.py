@@ -54,6 +54,7 @@ def test_stream_yields_the_orders_batches_across_epochs_and_resumes_exactly(ray_
     assert run[cut - 1][2] == DataPosition(epoch=1, batch=2)
 
 
+@pytest.mark.slow  # 4 Ray Train workers: ~1 minute on 2 cores (test_train_pipeline covers the run end to end)
 def test_pipeline_stages_of_one_data_parallel_rank_see_the_same_micro_batches(ray_local, tokens, tmp_path):
     """4 Ray Train workers as 2 pipeline stages x 2 data-parallel ranks: stage 0's inputs are stage 1's labels."""
     from ray.train import RunConfig, ScalingConfig

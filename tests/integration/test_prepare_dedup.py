@@ -225,6 +225,7 @@ def test_killed_run_resumes_to_the_same_output(ray_local, corpus, one_run, tmp_p
         assert pq.read_table(output / split).to_pylist() == pq.read_table(Path(cfg1.prepare.output) / split).to_pylist()
 
 
+@pytest.mark.slow  # a prepare job on a second local Ray of its own: ~1 minute on 2 cores
 def test_kept_ids_do_not_depend_on_the_worker_count(corpus, one_run, tmp_path, repo_root):
     """The same corpus on a separate local Ray with 2 CPUs (half the workers of the shared one) keeps the same ids."""
     docs, _ = corpus
