@@ -10,7 +10,8 @@ from raylm.errors import RaylmError
 
 
 LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
-"""Ray settings for a local Ray this process starts (and for `ray start` clusters raylm starts itself).
+"""Ray settings for a local Ray this process starts (and for `ray start` clusters raylm starts itself;
+cluster/local/start_head.sh spells the same JSON out, being a shell script).
 
 Ray kills a pooled worker process after 1 s idle once the pool holds more than one per CPU. A
 stage runs many short Ray Data executions (the prepare stage about thirty), each of which then
