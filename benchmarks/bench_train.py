@@ -7,11 +7,13 @@
 Token data: the bundled corpus through raylm's own prepare and tokenize stages at configs/demo.yaml's
 settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache/ (train_common.py).
 
-1. overhead: steady-state tokens/s of `raylm train` with 1 Ray Train worker (DeepSpeed ZeRO 0 and 1,
-   fp32) against a bare PyTorch loop in this process: the same GPT, batch (micro-batch 16 x 128 tokens),
+1. overhead: steady-state tokens/s of `raylm train` with 1 Ray Train worker (DeepSpeed, the default
+   zero_stage 1, which a single data-parallel rank runs as ZeRO 0; fp32) against a bare PyTorch loop in this process: the same GPT, batch (micro-batch 16 x 128 tokens),
    seed, AdamW parameter groups, LR schedule, gradient clipping, torch thread count and data order (read
    from the token shards by numpy memmap). Steady state: the log windows after the first --skip-steps
-   steps (raylm reports tokens/s per window; the bare loop is timed the same way). Then data-parallel
+   steps (raylm reports tokens/s per window; the bare loop is timed the same way). The two run in turn for
+   --rounds rounds and each figure is the median over rounds, since this VM's speed drifts by 10-15% over
+   minutes (one run of each measured the drift as much as raylm). Then data-parallel
    scaling: 1 worker with all --threads, 1 worker with 1 thread, 2 workers with 1 thread each (the
    machine has 2 cores: two workers split them, so "2 workers / 1 worker x 2 threads" compares data
    parallelism with intra-op threading on the same cores, and "2 workers / 1 worker x 1 thread" is the
@@ -23,7 +25,7 @@ settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache
    ZeRO 3 should hold about half of the parameters on each of 2 workers. Peak RSS is each process's
    high-water mark (ru_maxrss), start-up included, when every rank builds the whole model before
    DeepSpeed shards it.
-3. curves: loss curves of raylm (1 worker, ZeRO 1) and of the bare loop, same seed, data order and
+3. curves: loss curves of raylm (1 worker, zero_stage 1, run as ZeRO 0) and of the bare loop, same seed, data order and
    budget (the same two runs as section 1 when both run): both printed at a few steps, the max and mean
    absolute difference, and a PNG overlay in benchmarks/results/.
 4. shakespeare: nanoGPT's CPU recipe (4 layers, 4 heads, 128 wide, context 64, batch 12, 2,000
@@ -41,6 +43,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -77,11 +80,12 @@ class Runs:
 
         return load_config(config, [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides])
 
-    def raylm(self, name: str, overrides: list[str], keep: tuple[str, ...] = (), **where) -> dict:
-        """run_train on the config; returns {summary, final, history, seconds}; the output is deleted (but `keep` files)."""
+    def raylm(self, name: str, overrides: list[str], keep: tuple[str, ...] = (), repeat: int = 0, **where) -> dict:
+        """run_train on the config; returns {summary, final, history, seconds}; the output is deleted (but `keep` files).
+        `repeat` > 0: a fresh run of a config that already ran (timing rounds)."""
         from raylm.train.trainer import run_train
 
-        key = (tuple(overrides), tuple(sorted(where.items())))
+        key = (tuple(overrides), tuple(sorted(where.items())), repeat)
         if key in self._done:
             return self._done[key]
         output = self.scratch / f"{name}-{len(self._done)}"
@@ -100,9 +104,10 @@ class Runs:
         self._done[key] = run
         return run
 
-    def bare(self, overrides: list[str], threads: int) -> dict:
-        """train_common.bare_train on the config, in this process with `threads` torch threads; run once per config."""
-        key = (tuple(overrides), threads)
+    def bare(self, overrides: list[str], threads: int, repeat: int = 0) -> dict:
+        """train_common.bare_train on the config, in this process with `threads` torch threads; run once per config
+        (and `repeat`)."""
+        key = (tuple(overrides), threads, repeat)
         if key not in self._bare:
             cfg = self.config(overrides)
             self._bare[key] = bare_train(cfg.train, cfg.run.seed, threads)
@@ -125,31 +130,45 @@ def workers(num: int, threads: int, zero: int) -> list[str]:
 
 
 def overhead(runs: Runs, args, results: dict) -> None:
+    """The bare loop and raylm (1 worker, the default zero_stage 1, which one rank runs as ZeRO 0) in turn for
+    --rounds rounds: this VM's speed drifts by 10-15% over minutes, so one run of each, minutes apart, measures
+    the drift as much as raylm. Figures: the median over rounds."""
+    from raylm.train.deepspeed_config import effective_zero_stage
+
     skip = args.skip_steps
     rows = []
     for preset in args.presets.split(","):
         base = speed_overrides(preset, args)
-        bare = runs.bare([*base, *workers(1, args.threads, 1)], args.threads)
-        bare_tps = steady_tokens_per_s(bare["history"], skip)
-        entry = {"preset": preset, "bare_tokens_per_s": bare_tps, "bare_seconds": bare["seconds"], "raylm": {}}
-        for zero in (0, 1):
-            run = runs.raylm(f"overhead-{preset}-z{zero}", [*base, *workers(1, args.threads, zero)])
-            tps = steady_tokens_per_s(run["history"], skip)
-            entry["num_params"] = run["summary"]["num_params"]
-            entry["raylm"][f"zero{zero}"] = {"tokens_per_s": tps, "ratio": tps / bare_tps, "fit_seconds": run["summary"]["seconds"]}
+        tps: dict[str, list[float]] = {"bare": [], "raylm": []}
+        entry = {"preset": preset, "rounds": args.rounds}
+        for r in range(args.rounds):
+            bare = runs.bare([*base, *workers(1, args.threads, 1)], args.threads, repeat=r)
+            tps["bare"].append(steady_tokens_per_s(bare["history"], skip))
+            run = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)], repeat=r)
+            tps["raylm"].append(steady_tokens_per_s(run["history"], skip))
+            entry.update(num_params=run["summary"]["num_params"], fit_seconds=run["summary"]["seconds"])
+        cfg = runs.config([*base, *workers(1, args.threads, 1)]).train
+        bare_tps, raylm_tps = statistics.median(tps["bare"]), statistics.median(tps["raylm"])
+        entry.update(
+            zero_stage=cfg.zero_stage, effective_zero_stage=effective_zero_stage(cfg, 1),
+            bare_tokens_per_s=bare_tps, raylm_tokens_per_s=raylm_tps, ratio=raylm_tps / bare_tps,
+            bare_rounds=tps["bare"], raylm_rounds=tps["raylm"], round_ratios=[a / b for a, b in zip(tps["raylm"], tps["bare"])],
+        )  # fmt: skip
         rows.append(entry)
     results["overhead"] = rows
     micro = runs.config([]).train.micro_batch_size
     print(f"\n== overhead: raylm (1 Ray Train worker, DeepSpeed, fp32) vs a bare PyTorch loop; micro-batch {micro} x "
-          f"128 tokens, {args.steps} steps, steady state after step {skip}, {args.threads} torch threads ==")  # fmt: skip
-    print(f"{'preset':>7} {'params':>10} {'bare tok/s':>11} {'ZeRO 0 tok/s':>13} {'ratio':>6} {'ZeRO 1 tok/s':>13} {'ratio':>6}"
-          f" {'fit s (Z0, Z1)':>15}")  # fmt: skip
+          f"128 tokens, {args.steps} steps, steady state after step {skip}, {args.threads} torch threads, "
+          f"median of {args.rounds} interleaved rounds ==")  # fmt: skip
+    print(f"{'preset':>7} {'params':>10} {'ZeRO':>11} {'bare tok/s':>11} {'raylm tok/s':>12} {'ratio':>6} {'fit s':>6}")
     for r in rows:
-        z0, z1 = r["raylm"]["zero0"], r["raylm"]["zero1"]
-        print(f"{r['preset']:>7} {r['num_params']:>10,} {r['bare_tokens_per_s']:>11,.0f} {z0['tokens_per_s']:>13,.0f} "
-              f"{z0['ratio']:>6.3f} {z1['tokens_per_s']:>13,.0f} {z1['ratio']:>6.3f} "
-              f"{z0['fit_seconds']:>7.0f} {z1['fit_seconds']:>7.0f}")  # fmt: skip
-    print("target: ratio >= 0.9 (fit s: the whole Ray Train fit, start-up, export and checkpoint included)")
+        zero = f"{r['zero_stage']} -> {r['effective_zero_stage']}"
+        print(f"{r['preset']:>7} {r['num_params']:>10,} {zero:>11} {r['bare_tokens_per_s']:>11,.0f} "
+              f"{r['raylm_tokens_per_s']:>12,.0f} {r['ratio']:>6.3f} {r['fit_seconds']:>6.0f}")  # fmt: skip
+        for i, (b, t) in enumerate(zip(r["bare_rounds"], r["raylm_rounds"])):
+            print(f"{'':>7} round {i + 1}: bare {b:,.0f}, raylm {t:,.0f} ({r['round_ratios'][i]:.3f})")
+    print("target: ratio >= 0.9 (ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "
+          "fit s: the last round's whole Ray Train fit, start-up, export and checkpoint included)")
 
     preset = args.presets.split(",")[0]
     base = speed_overrides(preset, args)
@@ -162,7 +181,7 @@ def overhead(runs: Runs, args, results: dict) -> None:
         "ratio_2x1_over_1x_all": tps["2x1"] / tps["1x_all"], "ratio_2x1_over_1x1": tps["2x1"] / tps["1x1"],
     }  # fmt: skip
     s = results["scaling"]
-    print(f"\n== data-parallel scaling, preset {preset}, ZeRO 1, global batch = workers x {micro} sequences, {CORES} cores ==")
+    print(f"\n== data-parallel scaling, preset {preset}, zero_stage 1 (ZeRO 0 on 1 worker), global batch = workers x {micro} sequences, {CORES} cores ==")
     print(f"1 worker x {args.threads} threads: {tps['1x_all']:,.0f} tokens/s; 1 worker x 1 thread: {tps['1x1']:,.0f}; "
           f"2 workers x 1 thread: {tps['2x1']:,.0f}")  # fmt: skip
     print(f"ratio 2 workers / 1 worker x {args.threads} threads (same cores): {s['ratio_2x1_over_1x_all']:.2f}; "
@@ -214,7 +233,7 @@ def curves(runs: Runs, args, results: dict) -> None:
     bare = runs.bare([*base, *workers(1, args.threads, 1)], args.threads)
     run = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)])
     c = compare_curves(run["history"], bare["history"])
-    png = plot_overlay({"raylm (1 worker, ZeRO 1)": run["history"], "bare PyTorch loop": bare["history"]},
+    png = plot_overlay({"raylm (1 worker)": run["history"], "bare PyTorch loop": bare["history"]},
                        RESULTS / "train_curves.png", f"preset {preset}: same seed, data order and budget")  # fmt: skip
     results["curves"] = {
         "preset": preset, "steps": args.steps, **c, "raylm_val_loss": run["summary"]["val_loss"],
@@ -277,6 +296,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="steps of each overhead / curves run")
     parser.add_argument("--log-every", type=int, default=10, help="steps per log window (a tokens/s and loss figure)")
     parser.add_argument("--skip-steps", type=int, default=None, help="steps left out of the steady state (default: 10%%, at least one window)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the overhead section (median)")
     parser.add_argument("--presets", default="demo", help="model presets of the overhead section (the first also for scaling and curves)")
     parser.add_argument("--threads", type=int, default=CORES, help="torch threads of the single-worker runs and the bare loop")
     parser.add_argument("--memory-preset", default="125m")

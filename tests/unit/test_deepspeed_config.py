@@ -116,3 +116,16 @@ def test_linear_decay_falls_by_equal_steps_to_min_ratio():
     assert factors[55] == pytest.approx(0.55)  # halfway down from 1.0 to 0.1
     steps = [a - b for a, b in zip(factors[10:], factors[11:])]
     assert max(steps) == pytest.approx(min(steps)) == pytest.approx(0.9 / 90)
+
+
+def test_zero_1_and_2_run_as_zero_0_on_one_data_parallel_rank():
+    from raylm.train.deepspeed_config import effective_zero_stage
+
+    for stage in (1, 2):
+        cfg = train_config(zero_stage=stage)
+        assert deepspeed_config(cfg, data_parallel_size=1)["zero_optimization"] == {"stage": 0}
+        assert deepspeed_config(cfg, data_parallel_size=2)["zero_optimization"]["stage"] == stage
+    assert effective_zero_stage(train_config(zero_stage=3), 1) == 3  # ZeRO 3 is asked for its own reasons
+    offload = train_config(zero_stage=1, offload_optimizer=True, use_gpu=True)
+    assert effective_zero_stage(offload, 1) == 1  # offload is a ZeRO optimizer feature
+    assert effective_zero_stage(train_config(zero_stage=1, num_workers=2, pipeline_stages=2), 1) == 1

@@ -187,7 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         logger.info(
             f"[raylm] {spec.run_name}: {num_params:,} params, {world} workers,"
-            f" ZeRO {cfg.zero_stage}, {cfg.precision}, steps {start_step}->{cfg.max_steps},"
+            f" ZeRO {_zero_stage_text(spec)}, {cfg.precision}, steps {start_step}->{cfg.max_steps},"
             + (f" {cfg.pipeline_stages} pipeline stages on nodes {pipe.short_nodes(placement)}," if pipelined else "")
             +
             f" data from epoch {data.position.epoch} batch {data.position.batch} of {order.batches_per_epoch}"
@@ -246,6 +246,13 @@ def train_loop_per_worker(config: dict) -> None:
             extra={**placement, **figures}, val_masks=val_masks, tokens_per_byte=tokens_per_byte)  # fmt: skip
     if log is not None:
         log.close()
+
+
+def _zero_stage_text(spec: LoopSpec) -> str:
+    stage = spec.deepspeed["zero_optimization"]["stage"]
+    if stage == spec.train.zero_stage:
+        return str(stage)
+    return f"{stage} (zero_stage {spec.train.zero_stage} shards nothing over one data-parallel rank)"
 
 
 def _check_precision(precision: str, device: torch.device) -> None:
