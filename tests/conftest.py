@@ -113,3 +113,46 @@ def _make_token_data(path: Path, seq_len: int = 32, special_tokens: tuple[str, .
         }
         out.stats = write_token_data(out.tmp, tokenizer, eos, splits, shard_rows=64).to_stats()
     return read_token_meta(path)
+
+
+SERVE_TEXT = [
+    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
+    "The slings and arrows of outrageous fortune, or to take arms against a sea of troubles",
+    "Now is the winter of our discontent made glorious summer by this sun of York.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt(tmp_path_factory):
+    """tiny_gpt(name, block_size, seed) -> an exported debug-preset GPT (random weights) with a 320-token BPE.
+
+    The weights are drawn wider than GPT-2's init, so greedy choices are far from ties and the
+    served text is the same however requests are batched. Each (name, block_size, seed) is made once.
+    """
+    import torch
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    from raylm.model.artifact import save_model
+    from raylm.model.gpt import GPT, build_config
+
+    root = tmp_path_factory.mktemp("tiny-gpt")
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(SERVE_TEXT, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok.save(str(root / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+    made: dict[tuple, Path] = {}
+
+    def make(name: str, block_size: int = 64, seed: int = 0) -> Path:
+        key = (name, block_size, seed)
+        if key not in made:
+            torch.manual_seed(seed)
+            model = GPT(build_config("debug", vocab_size=tokenizer.get_vocab_size(), block_size=block_size))
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.dim() > 1:
+                        p.normal_(0.0, 0.3)
+            eos = tokenizer.token_to_id("<|endoftext|>")
+            made[key] = save_model(root / name, model, root / "tokenizer.json", eos_token_id=eos)
+        return made[key]
+
+    return make

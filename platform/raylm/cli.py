@@ -4,6 +4,7 @@
     raylm demo
     raylm submit train --config configs/demo.yaml --address http://127.0.0.1:8265
     raylm cluster up --workers 2 --cpus-per-node 2
+    raylm serve-config --output serve_config.yaml      # then: serve deploy serve_config.yaml
 
 Errors a user can fix print as one line on stderr with a non-zero exit; no traceback.
 """
@@ -91,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("name", nargs="?", default=None, help="cluster name (default: the only one running)")
     csub.add_parser("status", help="list the clusters on this machine")
     p = sub.add_parser(
+        "serve-config",
+        help="write the Ray Serve config file of the serve section, for Ray's own `serve deploy`",
+        description="Write a Ray Serve config (YAML) that deploys the same app as `raylm serve` with `serve deploy`.",
+    )
+    p.add_argument("--config", default=None, help=f"run config YAML (default: {DEFAULT_CONFIG})")
+    p.add_argument("--output", default="serve_config.yaml", help="file to write (default serve_config.yaml)")
+    p = sub.add_parser(
         "export",
         help="write a raylm model directory from a train checkpoint (any ZeRO stage), on this CPU, without Ray",
         description="Consolidate a DeepSpeed checkpoint of the train stage into a raylm-gpt model directory.",
@@ -177,6 +185,14 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from raylm.serve.deploy import write_serve_config
+
+    path = write_serve_config(_load(args, overrides), args.output)
+    print(f"wrote {path}; deploy it onto a running cluster with: serve deploy {path} -a http://<head>:8265")
+    return 0
+
+
 def _run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from raylm.demo import run_demo
 
@@ -210,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_demo(args, rest)
         if args.command == "export":
             return _run_export(args)
+        if args.command == "serve-config":
+            return _run_serve_config(args, rest)
         return _run_stage(args.command, args, rest)
     except RaylmError as e:
         print(f"raylm {args.command}: error: {e}", file=sys.stderr)

@@ -5,39 +5,16 @@ from __future__ import annotations
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 
 from raylm.config import load_config  # noqa: E402
-from raylm.model.artifact import save_model  # noqa: E402
-from raylm.model.gpt import GPT, build_config  # noqa: E402
 from raylm.serve.engine import CompletionJob, Engine  # noqa: E402
 
 API_KEY = "sk-test-raylm"
-TEXT = [
-    "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer",
-    "The slings and arrows of outrageous fortune, or to take arms against a sea of troubles",
-    "Now is the winter of our discontent made glorious summer by this sun of York.",
-] * 20
-
-
-def export_tiny_model(directory: Path, tokenizer_file: Path, block_size: int, seed: int) -> Path:
-    from tokenizers import Tokenizer
-
-    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size()
-    torch.manual_seed(seed)
-    model = GPT(build_config("debug", vocab_size=vocab, block_size=block_size))
-    with torch.no_grad():  # a wider spread than GPT-2's init, so greedy choices are far from ties
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-    eos = Tokenizer.from_file(str(tokenizer_file)).token_to_id("<|endoftext|>")
-    return save_model(directory, model, tokenizer_file, eos_token_id=eos)
 
 
 def free_port() -> int:
@@ -47,20 +24,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory):
+def served(ray_local, tmp_path_factory, tiny_gpt):
     """Two tiny models served on a free port; yields (base_url, model dirs)."""
-    from tokenizers import ByteLevelBPETokenizer
-
     from raylm.serve.app import start_serve, stop_serve
 
     root = tmp_path_factory.mktemp("serve")
-    tok = ByteLevelBPETokenizer()
-    tok.train_from_iterator(TEXT, vocab_size=320, min_frequency=1, special_tokens=["<|endoftext|>"])
-    tok.save(str(root / "tokenizer.json"))
-    dirs = {
-        "tiny": export_tiny_model(root / "tiny", root / "tokenizer.json", block_size=64, seed=0),
-        "tiny-b": export_tiny_model(root / "tiny-b", root / "tokenizer.json", block_size=32, seed=1),
-    }
+    dirs = {"tiny": tiny_gpt("tiny", block_size=64, seed=0), "tiny-b": tiny_gpt("tiny-b", block_size=32, seed=1)}
     models = json.dumps({name: str(d) for name, d in dirs.items()})
     cfg = load_config(
         None,
@@ -214,3 +183,128 @@ def test_bad_chat_request_and_unknown_route(served):
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     r = post(served[0], "/v1/nothing", {})
     assert r.status_code == 404 and "error" in r.json()
+
+
+def test_logprobs_and_top_k_through_the_openai_client(served, client):
+    _, dirs = served
+    got = client.completions.create(model="tiny", prompt="To be, or", max_tokens=6, temperature=0, logprobs=2)
+    lp = got.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == got.usage.completion_tokens
+    # greedy: each token is the most likely one; a token's own top entry may be absent when two tokens decode
+    # to the same text (byte tokens of a partial UTF-8 character all show as U+FFFD), so compare values
+    assert all(max(top.values()) == pytest.approx(t) for top, t in zip(lp.top_logprobs, lp.token_logprobs))
+    assert lp.text_offset[0] == 0 and all(v <= 0 for v in lp.token_logprobs)
+    expected = Engine(dirs["tiny"]).complete(CompletionJob(prompt="To be, or", max_tokens=6, temperature=0, logprobs=2))
+    assert lp.tokens == [e["token"] for e in expected["logprobs"]]
+    assert lp.token_logprobs == pytest.approx([e["logprob"] for e in expected["logprobs"]], abs=1e-5)
+
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "To be?"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=3,
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert all(c.token == c.top_logprobs[0].token for c in content)  # greedy: the most likely token each time
+    # tokens' bytes, joined, are the reply's text (a token's text alone may be part of a UTF-8 character)
+    assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", "replace").strip().startswith(chat.choices[0].message.content)
+
+    # top_k is not an OpenAI field: clients send it as vLLM's extra parameter. top_k=1 samples greedily.
+    greedy = client.completions.create(model="tiny", prompt="Now is", max_tokens=8, temperature=0).choices[0].text
+    top1 = client.completions.create(model="tiny", prompt="Now is", max_tokens=8, temperature=1.5, seed=1, extra_body={"top_k": 1})
+    assert top1.choices[0].text == greedy
+
+
+def test_streamed_logprobs_cover_every_token(client):
+    chunks = list(client.completions.create(model="tiny", prompt="Now is", max_tokens=8, temperature=0, logprobs=1, stream=True))
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    full = client.completions.create(model="tiny", prompt="Now is", max_tokens=8, temperature=0, logprobs=1)
+    assert tokens == full.choices[0].logprobs.tokens
+
+
+def test_health_and_readiness(served):
+    base_url, _ = served
+    assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
+    ready = httpx.get(f"{base_url}/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "models": ["tiny", "tiny-b"]}
+
+
+def test_serving_metrics_reach_the_ray_metrics_endpoint(served, client, ray_local):
+    """The dashboard's Grafana panels read Ray's Prometheus endpoint: raylm's serving metrics must be there."""
+    import time
+
+    client.completions.create(model="tiny", prompt="To be", max_tokens=5, temperature=0)
+    list(client.completions.create(model="tiny", prompt="To be", max_tokens=5, temperature=0, stream=True))
+    post(served[0], "/v1/completions", {"model": "tiny", "prompt": ""})  # a 400, counted as an error
+    node = next(n for n in ray_local.nodes() if n["Alive"])
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    wanted = [
+        "ray_raylm_requests_total", "ray_raylm_request_errors_total", "ray_raylm_time_to_first_token_ms_bucket",
+        "ray_raylm_time_per_output_token_ms_bucket", "ray_raylm_generated_tokens_total", "ray_raylm_batch_size_bucket",
+        "ray_raylm_queue_depth", "ray_raylm_tokens_per_s",
+    ]  # fmt: skip
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:
+        text = httpx.get(url, timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(3)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not exported after 90 s: {missing}"
+    errors = [line for line in text.splitlines() if line.startswith("ray_raylm_request_errors_total{")]
+    assert any('status="400"' in line and 'code="invalid_value"' in line for line in errors), errors
+    requests = [line for line in text.splitlines() if line.startswith("ray_raylm_requests_total{")]
+    assert any('route="/v1/completions"' in line and 'status="200"' in line and 'model="tiny"' in line for line in requests)
+
+
+def _fuzz_bodies():
+    """Request bodies a hostile or broken client sends: raw bytes, wrong JSON shapes, fields of every type."""
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(
+        st.none(), st.booleans(), st.integers(-(2**80), 2**80), st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=60), st.sampled_from(["tiny", "tiny-b", "", "nope", "\ud800", "To be", "\x00"]),
+    )  # fmt: skip
+    json_value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+    keys = st.sampled_from([
+        "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+        "stop", "seed", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "user", "best_of", "bogus",
+    ])  # fmt: skip
+    messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "robot", 3]), "content": json_value}), max_size=3)
+    base = st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "tiny-b", "nope", 7])},
+        optional={"prompt": json_value | st.lists(st.integers(-5, 400), max_size=80), "messages": messages | json_value},
+    )
+    body = st.tuples(base, st.dictionaries(keys, json_value, max_size=5)).map(lambda b: {**b[1], **b[0]})
+    raw = st.one_of(
+        body.map(lambda b: json.dumps(b, allow_nan=True).encode()),
+        st.binary(max_size=200),
+        st.sampled_from([b"", b"null", b"[]", b"{", b"[" * 5000, b'{"model": "tiny", "prompt": "\\ud800"}',
+                         json.dumps({"model": "tiny", "prompt": "x" * 5000, "max_tokens": 1}).encode()]),
+    )  # fmt: skip
+    return st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/nothing"]), raw)
+
+
+def test_fuzzed_requests_get_no_5xx_and_the_server_keeps_serving(served, client):
+    from hypothesis import HealthCheck, given, settings
+
+    base_url, _ = served
+    seen = {}
+    http = httpx.Client(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"})
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @given(_fuzz_bodies())
+    def send(case):
+        path, raw = case
+        r = http.post(f"{base_url}{path}", content=raw)
+        seen[r.status_code] = seen.get(r.status_code, 0) + 1
+        assert r.status_code < 500, (path, raw[:300], r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            error = r.json()["error"]
+            assert error["message"] and error["type"], r.text[:300]
+
+    send()
+    http.close()
+    assert sum(seen.values()) >= 300 and any(code >= 400 for code in seen), seen
+    ok = client.completions.create(model="tiny", prompt="To be", max_tokens=4, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length")

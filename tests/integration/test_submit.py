@@ -94,3 +94,44 @@ def test_submit_failing_stage_exits_nonzero(ray_head, repo_root, tmp_path):
     assert r.returncode == 1
     assert "FAILED" in r.stdout
     assert f"{tmp_path}/missing" in r.stdout  # the stage's one-line error reaches the user through the job logs
+
+
+@pytest.mark.slow  # ~80 s: a fresh cluster starts Serve's controller, proxy and replicas
+def test_serve_deploy_runs_the_generated_serve_config(ray_head, repo_root, tmp_path, tiny_gpt):
+    """`raylm serve-config` writes a file Ray's own `serve deploy` puts on the cluster; the API then answers."""
+    import httpx
+
+    model = tiny_gpt("tiny", block_size=64, seed=0)
+    port, config = free_port(), tmp_path / "serve_config.yaml"
+    r = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "serve-config", "--config", "configs/demo.yaml", f"--run.workdir={tmp_path}",
+         "--run.name=deployed", f"--serve.models={json.dumps({'tiny': str(model)})}", f"--serve.port={port}",
+         "--serve.num_cpus_per_replica=0.5", "--output", str(config)],
+        cwd=repo_root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"serve deploy {config}" in r.stdout
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    # Ray's CLI sends the cluster's token (~/.ray/auth_token) only when told the cluster uses token authentication.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+    r = subprocess.run([serve_bin, "deploy", str(config), "-a", ray_head], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline, ready = time.time() + 180, None
+        while time.time() < deadline:
+            try:
+                ready = httpx.get(f"{base}/ready", timeout=10)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert ready is not None and ready.status_code == 200, "the deployed app did not become ready within 180 s"
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 5, "temperature": 0}
+        done = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] >= 1
+        status = subprocess.run([serve_bin, "status", "-a", ray_head], capture_output=True, text=True, timeout=60, env=env)
+        assert "deployed" in status.stdout and "RUNNING" in status.stdout, status.stdout[-2000:]
+    finally:
+        subprocess.run([serve_bin, "shutdown", "-y", "-a", ray_head], capture_output=True, timeout=120, env=env)

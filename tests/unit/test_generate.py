@@ -7,6 +7,7 @@ import torch
 
 from raylm.model.generate import (
     ContextLengthError,
+    RunningBatch,
     SamplingParams,
     generate,
     generate_batch,
@@ -104,7 +105,7 @@ def test_batched_rows_keep_their_own_params(model):
     assert [len(r.token_ids) for r in batched] == [4, 12, 7]
 
 
-def test_batch_that_overflows_padded_context_is_split(model):
+def test_batch_whose_padded_length_exceeds_the_context(model):
     # 40 + 5 fits, 2 + 40 fits, but padding both to 40 and adding 40 would not (block_size 48).
     prompts = [list(range(1, 41)), [7, 7]]
     params = [SamplingParams(5, temperature=0), SamplingParams(40, temperature=0)]
@@ -141,3 +142,42 @@ def test_context_length_is_enforced(model):
 def test_zero_new_tokens(model):
     result = generate(model, [1, 2], max_new_tokens=0)
     assert result.token_ids == [] and result.finish_reason == "length"
+
+
+def test_rows_that_join_a_running_batch_decode_as_they_would_alone(model):
+    """Continuous batching: prompts join between steps, finished rows leave, the rest carry on unchanged."""
+    jobs = {  # key: (prompt, max_new_tokens, step at which it joins)
+        "a": ([5, 17, 3, 88, 42, 7, 9, 11], 30, 0),
+        "b": ([1, 2], 6, 0),
+        "c": ([60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71], 20, 3),  # longer than every running row
+        "d": ([9], 35, 5),
+        "e": ([4, 4, 4], 0, 5),
+    }
+    alone = {k: generate(model, p, max_new_tokens=n, temperature=0).token_ids for k, (p, n, _) in jobs.items()}
+    batch, got, finished, step = RunningBatch(model), {k: [] for k in jobs}, {}, 0
+    while step < 100 and (batch or step <= 5):
+        for s in batch.add([(k, p, SamplingParams(n, temperature=0)) for k, (p, n, at) in jobs.items() if at == step]):
+            finished[s.row] = s.finish_reason
+        for s in batch.step():
+            if s.token is not None:
+                got[s.row].append(s.token)
+            if s.finish_reason:
+                finished[s.row] = s.finish_reason
+        # The cache is never longer than its longest row: the context is what bounds a batch, not its history.
+        if batch:
+            assert batch.cache.length <= max(len(jobs[k][0]) + len(got[k]) for k in batch.keys)
+        step += 1
+    assert got == alone
+    assert finished == {"a": "length", "b": "length", "c": "length", "d": "length", "e": "length"}
+
+
+def test_a_row_dropped_from_a_running_batch_leaves_the_others_unchanged(model):
+    alone = generate(model, [3, 1, 4, 1, 5], max_new_tokens=12, temperature=0).token_ids
+    batch = RunningBatch(model)
+    batch.add([("keep", [3, 1, 4, 1, 5], SamplingParams(12, temperature=0)), ("gone", [2, 7, 1, 8, 2, 8, 1, 8], SamplingParams(12, temperature=0))])
+    tokens = []
+    for n in range(12):
+        if n == 4:
+            batch.drop(["gone"])
+        tokens += [s.token for s in batch.step() if s.row == "keep"]
+    assert tokens == alone and not batch

@@ -12,8 +12,10 @@ from raylm.serve.openai_api import (
     ChatMessage,
     CompletionRequest,
     chat_body,
+    chat_logprobs,
     chat_prompt,
     completion_body,
+    completion_logprobs,
     invalid_api_key,
     model_not_found,
     parse_request,
@@ -66,7 +68,10 @@ def test_stop_accepts_a_string_or_a_list():
         ({"model": "m", "prompt": "a", "n": 0}, "n", "invalid_value"),
         ({"model": "m", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
         ({"model": "m", "prompt": "a", "stop": [""]}, "stop", "invalid_value"),
-        ({"model": "m", "prompt": "a", "logprobs": 3}, "logprobs", "invalid_value"),
+        ({"model": "m", "prompt": "a", "logprobs": 6}, "logprobs", "invalid_value"),
+        ({"model": "m", "prompt": "a", "logprobs": 2, "echo": True}, None, "invalid_value"),
+        ({"model": "m", "prompt": "a", "top_k": -2}, "top_k", "invalid_value"),
+        ({"model": "m", "prompt": "a", "top_k": 2.5}, "top_k", "invalid_value"),
         ({"model": "m", "prompt": "a", "presence_penalty": 0.5}, "presence_penalty", "invalid_value"),
         ({"model": "m", "prompt": "a", "best_of": 2}, "best_of", "invalid_value"),
         ({"model": "m", "prompt": "a", "temprature": 1}, "temprature", "unknown_parameter"),
@@ -145,3 +150,51 @@ def test_response_bodies():
 
 def test_chat_message_roles():
     assert ChatMessage(role="developer", content="x").role == "developer"
+
+
+def test_top_k_and_logprobs_fields():
+    req = parse({"model": "m", "prompt": "a", "top_k": 5, "logprobs": 2})
+    assert (req.top_k, req.logprobs) == (5, 2)
+    assert parse({"model": "m", "prompt": "a", "top_k": -1}).top_k == 0  # vLLM's "all tokens"
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    assert parse(chat, ChatCompletionRequest).logprobs_k is None
+    assert parse({**chat, "logprobs": True}, ChatCompletionRequest).logprobs_k == 0
+    assert parse({**chat, "logprobs": True, "top_logprobs": 3}, ChatCompletionRequest).logprobs_k == 3
+    e = error_of({**chat, "top_logprobs": 3}, ChatCompletionRequest)
+    assert e.status == 400 and "logprobs" in e.message
+    assert error_of({**chat, "logprobs": True, "top_logprobs": 21}, ChatCompletionRequest).param == "top_logprobs"
+
+
+def test_logprobs_bodies():
+    tokens = [
+        {"token": "To", "bytes": [84, 111], "logprob": -0.5, "top": [{"token": "To", "bytes": [84, 111], "logprob": -0.5}]},
+        {"token": " be", "bytes": [32, 98, 101], "logprob": -1.25, "top": [{"token": " be", "bytes": [32, 98, 101], "logprob": -1.25}]},
+    ]  # fmt: skip
+    legacy = completion_logprobs(tokens, offset=3)
+    assert legacy == {
+        "tokens": ["To", " be"], "token_logprobs": [-0.5, -1.25],
+        "top_logprobs": [{"To": -0.5}, {" be": -1.25}], "text_offset": [3, 5],
+    }  # fmt: skip
+    body = completion_body("c", "m", [{"text": "To be", "finish_reason": "length", "logprobs": tokens}], usage(1, 2))
+    assert body["choices"][0]["logprobs"]["tokens"] == ["To", " be"]
+    chat = chat_logprobs(tokens)
+    assert chat["content"][1] == {
+        "token": " be", "logprob": -1.25, "bytes": [32, 98, 101],
+        "top_logprobs": [{"token": " be", "logprob": -1.25, "bytes": [32, 98, 101]}],
+    }  # fmt: skip
+    assert completion_logprobs(None) is None and chat_logprobs(None) is None
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"[" * 100_000, 400),  # json.loads recurses: RecursionError, not a JSONDecodeError
+        (b'{"model": "m", "prompt": "\\ud800 lone surrogate"}', 400),
+        (b'{"model": "m", "prompt": "' + b"x" * (1 << 20) + b'"}', 413),
+        (json.dumps({"model": "m", "prompt": "a", "seed": 2**70}).encode(), 400),
+        (json.dumps({"model": "m", "prompt": "a", "stop": "x" * 300}).encode(), 400),
+    ],
+)
+def test_hostile_bodies_are_4xx(raw, status):
+    e = error_of(raw)
+    assert e.status == status and e.body()["error"]["message"]

@@ -145,3 +145,59 @@ def test_models_that_do_not_exist_are_skipped_and_none_is_an_error(engine, tmp_p
     assert "gone" in capsys.readouterr().err
     with pytest.raises(InputError, match="no exported model found"):
         available_models(ServeConfig(models={"gone": str(tmp_path / "gone")}))
+
+
+def test_logprobs_are_the_models_own_and_greedy_picks_the_top_one(engine):
+    job = CompletionJob(prompt="The quick", max_tokens=5, temperature=0, logprobs=3)
+    result = engine.complete(job)
+    entries = result["logprobs"]
+    assert len(entries) == result["completion_tokens"] == 5  # max_tokens 5, finish "length" unless eos
+    ids = engine.tokenizer.encode("The quick").ids
+    generated = []
+    for entry in entries:
+        # Recompute the distribution of each position with a plain forward pass over prompt + tokens so far.
+        with torch.no_grad():
+            logits, _ = engine.model(torch.tensor([ids + generated]))
+        logp = torch.log_softmax(logits[0, -1].float(), -1)
+        top = torch.topk(logp, 3)
+        assert [a["token"] for a in entry["top"]] == [engine.tokenizer.decode([int(t)]) for t in top.indices]
+        assert entry["top"][0]["logprob"] == pytest.approx(float(top.values[0]), abs=1e-4)
+        assert entry["token"] == entry["top"][0]["token"]  # greedy
+        assert entry["logprob"] == pytest.approx(float(top.values[0]), abs=1e-4)
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+        generated.append(int(top.indices[0]))
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", "replace") == result["text"]
+    assert "logprobs" not in engine.complete(CompletionJob(prompt="The quick", max_tokens=5, temperature=0))
+
+
+def test_top_k_one_is_greedy_and_top_k_limits_the_choices(engine):
+    greedy = engine.complete(CompletionJob(prompt="Pack my", max_tokens=8, temperature=0))
+    top1 = engine.complete(CompletionJob(prompt="Pack my", max_tokens=8, temperature=1.5, top_k=1, seed=3))
+    assert top1["text"] == greedy["text"]
+    for seed in range(5):
+        sampled = engine.complete(CompletionJob(prompt="Pack my", max_tokens=6, temperature=2.0, top_k=2, seed=seed, logprobs=2))
+        for entry in sampled["logprobs"]:
+            assert entry["token"] in [a["token"] for a in entry["top"]]
+
+
+def test_serve_config_file_is_a_valid_ray_serve_config(engine, tmp_path):
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from raylm.config import load_config
+    from raylm.serve.deploy import IMPORT_PATH, write_serve_config
+
+    cfg = load_config(None, [
+        f"--run.workdir={tmp_path}", f"--prepare.input={tmp_path}", "--run.name=app",
+        f'--serve.models={{"real": "{engine.loaded.path}", "gone": "{tmp_path / "gone"}"}}',
+        "--serve.autoscaling.max_replicas=3", "--serve.port=8123",
+    ])  # fmt: skip
+    path = write_serve_config(cfg, tmp_path / "deploy" / "serve.yaml")
+    raw = yaml.safe_load(path.read_text())
+    schema = ServeDeploySchema.model_validate(raw)  # Ray's own schema of `serve deploy` files
+    app = schema.applications[0]
+    assert (app.name, app.import_path, app.route_prefix) == ("app", IMPORT_PATH, "/")
+    assert app.args["serve"]["models"] == {"real": str(engine.loaded.path)}  # what exists, as absolute paths
+    model = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "model-real")
+    assert model["autoscaling_config"]["max_replicas"] == 3 and model["ray_actor_options"] == {"num_cpus": 1.0}
+    assert raw["http_options"] == {"host": "127.0.0.1", "port": 8123}

@@ -7,7 +7,8 @@
 The prompt is run once (prefill), then one token at a time against the cache. A batch
 of prompts of different lengths is left-padded: `KVCache.left_pad` makes every row count
 its positions from its own first token and hides the padding, so a row of a batch decodes
-exactly as it would alone. Each row samples from its own seeded generator, so a seeded
+exactly as it would alone. `RunningBatch` lets sequences join a batch that is already
+decoding and leave it when they finish (continuous batching, as a server needs). Each row samples from its own seeded generator, so a seeded
 request gives the same text whichever requests share its batch.
 
 Stop tokens (and the eos token) end a sequence and are not part of its `token_ids`.
@@ -21,12 +22,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from raylm.model.gpt import KVCache
 
 __all__ = [
     "ContextLengthError",
     "GenerationResult",
+    "RunningBatch",
     "SamplingParams",
     "Step",
     "decode_steps",
@@ -61,6 +64,10 @@ class SamplingParams:
     keeping that token. The serve stage checks stop strings with it."""
     truncate_prompt: bool = False
     """Drop the oldest prompt tokens when prompt + max_new_tokens exceeds block_size, instead of raising."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each Step carries its token's log-probability and the k most likely
+    tokens with theirs, under the model's own distribution (log-softmax of the logits, before temperature,
+    top-k and top-p reshape it for sampling)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 0:
@@ -71,6 +78,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
     @property
     def stops(self) -> frozenset[int]:
@@ -165,89 +174,168 @@ class _Row:
         return self.finish_reason is not None
 
 
-def _select_rows(cache: KVCache, keep: torch.Tensor) -> None:
-    """Keep only the batch rows `keep` (indices) in the cache, dropping finished sequences."""
-    cache.layers = [None if kv is None else (kv[0][keep], kv[1][keep]) for kv in cache.layers]
-    if cache.left_pad is not None:
-        cache.left_pad = cache.left_pad[keep]
-
-
 @dataclass(frozen=True)
 class Step:
     """What one decoding step did to one row of the batch."""
 
     row: int
+    """The caller's key of the row (its index in the batch for `decode_steps`)."""
     token: int | None
     """The new token; None when the row ended on a stop token (or had nothing to generate)."""
     finish_reason: str | None
     """"stop" or "length" on the row's last step, else None."""
+    logprob: float | None = None
+    """log p(token) under the model, when the row's SamplingParams.logprobs is set (also for a stop token)."""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The SamplingParams.logprobs most likely (token id, log p), most likely first."""
+
+
+class RunningBatch:
+    """Sequences decoded together one token per step, which join and leave between steps (continuous batching).
+
+        batch = RunningBatch(model)
+        batch.add([(key, prompt_ids, params), ...])   # prefilled together, then merged into the running rows
+        while batch: steps = batch.step()             # one Step per row; finished rows leave the batch
+
+    Every row's cache is right-aligned: the newest token of each row is the last column, and the
+    columns before a row's first token are padding (`KVCache.left_pad`) that no query attends to
+    and that does not count in the row's positions. Rows that join are left-padded to the batch's
+    length (or the batch to theirs), and columns that are padding in every row are cut off, so the
+    cache is always as long as its longest row: any rows that each fit the context fit together.
+    A row decodes the same tokens as it would alone (up to floating-point rounding of batched matmuls).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.device = _device(model)
+        self.keys: list = []
+        self.rows: list[_Row] = []
+        self.cache: KVCache | None = None
+        self.last: torch.Tensor | None = None
+        """(B, V) logits of each row's next token."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, items: Sequence[tuple]) -> list[Step]:
+        """Prefill (key, prompt_ids, params) items, each fitting the context (see `fit_prompt`), into the batch.
+
+        Returns the Steps of items with nothing to generate (max_new_tokens 0): those do not join.
+        """
+        done = [Step(key, None, "length") for key, _, p in items if p.max_new_tokens == 0]
+        items = [it for it in items if it[2].max_new_tokens > 0]
+        if not items:
+            return done
+        longest = max(len(prompt) for _, prompt, _ in items)
+        pad = [longest - len(prompt) for _, prompt, _ in items]
+        # Left-pad with token 0: padding is masked out and never read, any id does.
+        idx = torch.tensor([[0] * n + list(prompt) for n, (_, prompt, _) in zip(pad, items)], device=self.device)
+        cache = KVCache(len(self.model.blocks), torch.tensor(pad, device=self.device) if any(pad) else None)
+        logits, _ = self.model(idx, cache=cache)  # prefill: (B, T, V)
+        self._merge(cache, logits[:, -1, :])
+        self.keys += [key for key, _, _ in items]
+        self.rows += [_Row(p, self.device) for _, _, p in items]
+        return done
+
+    def _merge(self, cache: KVCache, last: torch.Tensor) -> None:
+        if self.cache is None:
+            self.cache, self.last = cache, last
+            return
+        length = max(self.cache.length, cache.length)
+        layers, pads = [], []
+        for c in (self.cache, cache):
+            extra = length - c.length
+            pad = c.left_pad if c.left_pad is not None else torch.zeros(len(c.layers[0][0]), dtype=torch.long, device=self.device)
+            pads.append(pad + extra)
+            layers.append([tuple(F.pad(t, (0, 0, extra, 0)) for t in kv) if extra else kv for kv in c.layers])
+        self.cache.layers = [tuple(torch.cat(pair) for pair in zip(a, b)) for a, b in zip(*layers)]
+        self.cache.left_pad = torch.cat(pads)
+        self.last = torch.cat([self.last, last])
+        self._trim()
+
+    def _trim(self) -> None:
+        """Cut the columns that are padding in every row; no left_pad at all once no row has any."""
+        pad = self.cache.left_pad
+        if pad is None:
+            return
+        common = int(pad.min())
+        if common:
+            self.cache.layers = [(k[:, :, common:], v[:, :, common:]) for k, v in self.cache.layers]
+            pad = pad - common
+        self.cache.left_pad = pad if bool(pad.any()) else None
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the batch rows at these indices (in this order), dropping the others' state."""
+        if len(rows) == len(self.rows):
+            return
+        self.keys = [self.keys[b] for b in rows]
+        self.rows = [self.rows[b] for b in rows]
+        if not rows:
+            self.cache = self.last = None
+            return
+        index = torch.tensor(rows, device=self.device)
+        self.cache.layers = [(k[index], v[index]) for k, v in self.cache.layers]
+        if self.cache.left_pad is not None:
+            self.cache.left_pad = self.cache.left_pad[index]
+        self.last = self.last[index]
+        self._trim()
+
+    def drop(self, keys) -> None:
+        """Remove the rows of these keys (a client that went away), unfinished."""
+        gone = set(keys)
+        self.keep([b for b, key in enumerate(self.keys) if key not in gone])
+
+    @torch.inference_mode()
+    def step(self) -> list[Step]:
+        """Sample one token for every row; finished rows leave; the others run one forward pass together."""
+        if not self.rows:
+            return []
+        want = [row.params.logprobs is not None for row in self.rows]
+        logprobs = torch.log_softmax(self.last.float(), dim=-1) if any(want) else None
+        steps, keep, next_ids = [], [], []
+        for b, (key, row) in enumerate(zip(self.keys, self.rows)):
+            token = sample_next(self.last[b], row.params, row.generator)
+            finished = row.push(token)
+            s = Step(key, None if token in row.stops else token, row.finish_reason)
+            if want[b]:
+                s = _with_logprobs(s, logprobs[b], token, row.params.logprobs)
+            steps.append(s)
+            if not finished:
+                keep.append(b)
+                next_ids.append(token)
+        self.keep(keep)
+        if self.rows:
+            logits, _ = self.model(torch.tensor(next_ids, device=self.device)[:, None], cache=self.cache)  # (B, 1, V)
+            self.last = logits[:, -1, :]
+        return steps
 
 
 def decode_steps(
     model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams]
 ) -> Iterator[list[Step]]:
-    """Decode a batch of prompts that each fit the context (see `fit_prompt`).
+    """Decode a batch of prompts that each fit the context (see `fit_prompt`), all prefilled together.
 
-    After each step, yield one Step per row still running; a finished row appears once more,
-    with its finish_reason, then no more. This is the primitive under `generate_batch` and
-    `stream_generate`, and what a server drives to stream a whole batch at once.
-
-    Left padding makes every row as long as the longest prompt, so a batch runs in groups
-    whose longest prompt plus largest max_new_tokens fit block_size; usually that is one group.
+    After each step, yield one Step per row still running (Step.row: the prompt's index); a
+    finished row appears once more, with its finish_reason, then no more. Rows with
+    max_new_tokens 0 come first, in a step of their own. This is the primitive under
+    `generate_batch` and `stream_generate`; a server that lets requests join a running batch
+    drives a `RunningBatch` itself.
     """
-    empty = [Step(i, None, "length") for i, p in enumerate(params) if p.max_new_tokens == 0]
+    batch = RunningBatch(model)
+    empty = batch.add([(i, prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))])
     if empty:
         yield empty
-    for group in _groups_that_fit(prompts, params, model.config.block_size):
-        yield from _decode_group(model, prompts, params, group)
+    while batch:
+        yield batch.step()
 
 
-def _groups_that_fit(prompts: list[list[int]], params: list[SamplingParams], block_size: int) -> list[list[int]]:
-    """Row indices in groups whose padded length plus the most new tokens of any row fits the context."""
-    rows = sorted((i for i, p in enumerate(params) if p.max_new_tokens > 0), key=lambda i: len(prompts[i]))
-    groups: list[list[int]] = []
-    longest = most_new = 0
-    for i in rows:
-        new_longest, new_most = max(longest, len(prompts[i])), max(most_new, params[i].max_new_tokens)
-        if groups and new_longest + new_most <= block_size:
-            groups[-1].append(i)
-            longest, most_new = new_longest, new_most
-        else:
-            groups.append([i])
-            longest, most_new = len(prompts[i]), params[i].max_new_tokens
-    return [sorted(g) for g in groups]
-
-
-@torch.inference_mode()
-def _decode_group(
-    model: torch.nn.Module, prompts: list[list[int]], params: list[SamplingParams], active: list[int]
-) -> Iterator[list[Step]]:
-    """Decode the rows `active` of the batch together: prefill once, then one token per step."""
-    device = _device(model)
-    rows = {i: _Row(params[i], device) for i in active}
-    pad = [max(len(prompts[i]) for i in active) - len(prompts[i]) for i in active]
-    # Left-pad with token 0: padding is masked out and never read, any id does.
-    idx = torch.tensor([[0] * n + prompts[i] for n, i in zip(pad, active)], dtype=torch.long, device=device)
-    cache = KVCache(len(model.blocks), torch.tensor(pad, device=device) if any(pad) else None)
-    logits, _ = model(idx, cache=cache)  # prefill: (B, T, V)
-    last = logits[:, -1, :]
-    while active:
-        step, keep, next_ids = [], [], []
-        for b, i in enumerate(active):
-            token = sample_next(last[b], rows[i].params, rows[i].generator)
-            done = rows[i].push(token)
-            step.append(Step(i, None if token in rows[i].stops else token, rows[i].finish_reason))
-            if not done:
-                keep.append(b)
-                next_ids.append(token)
-        yield step
-        if len(keep) < len(active):
-            active = [active[b] for b in keep]
-            if not active:
-                break
-            _select_rows(cache, torch.tensor(keep, device=device))
-        logits, _ = model(torch.tensor(next_ids, device=device)[:, None], cache=cache)  # (B, 1, V)
-        last = logits[:, -1, :]
+def _with_logprobs(step: Step, logprobs: torch.Tensor, token: int, k: int) -> Step:
+    top = ()
+    if k > 0:
+        values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return Step(step.row, step.token, step.finish_reason, float(logprobs[token]), top)
 
 
 def generate_batch(

@@ -1,13 +1,13 @@
 """The Ray Serve application: an OpenAI-compatible HTTP ingress in front of one deployment per model.
 
-    HTTP ──▶ OpenAIIngress (FastAPI: auth, validation, SSE) ──handle──▶ model-<name>  (Engine, @serve.batch)
+    HTTP ──▶ OpenAIIngress (FastAPI: auth, validation, SSE) ──handle──▶ model-<name>  (Engine, continuous batching)
                                                             ──handle──▶ model-<other> ...
 
 Each model deployment autoscales on its own (`serve.autoscaling`), reserves
-`num_cpus_per_replica` CPUs and decodes concurrent requests together: `@serve.batch` gathers
-up to `max_batch_size` requests and streams them through one batched decode, one list
-per step. Streaming and non-streaming requests take that same path; the ingress either
-forwards the deltas as server-sent events or joins them.
+`num_cpus_per_replica` CPUs and decodes concurrent requests together: requests join a
+replica's running batch between decoding steps (up to `max_batch_size`) and leave it when
+they finish, each streaming one delta per step. Streaming and non-streaming requests take
+that same path; the ingress either forwards the deltas as server-sent events or joins them.
 
     base_url = start_serve(cfg)   # non-blocking; "http://127.0.0.1:8000"
     stop_serve()
@@ -18,13 +18,13 @@ import asyncio
 import errno
 import hmac
 import logging
-import math
 import re
 import signal
 import socket
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raylm.errors import InputError, RaylmError
 from raylm.model.artifact import CONFIG, read_model_meta
 from raylm.serve.config import ServeConfig
-from raylm.serve.engine import CompletionJob, Engine
+from raylm.serve.engine import CompletionJob, Engine, PreparedJob
 from raylm.serve.openai_api import (
     CHAT_STOP,
     APIError,
@@ -45,9 +45,11 @@ from raylm.serve.openai_api import (
     CompletionRequest,
     chat_body,
     chat_chunk,
+    chat_logprobs,
     chat_prompt,
     completion_body,
     completion_chunk,
+    completion_logprobs,
     invalid_api_key,
     model_card,
     model_not_found,
@@ -60,13 +62,23 @@ from raylm.serve.openai_api import (
 
 logger = logging.getLogger("ray.serve")
 
+GAUGE_REFRESH_S = 5.0
+"""How often an idle model replica re-reports its gauges (queue depth, tokens/s)."""
+
 
 # --- one model ---------------------------------------------------------------------------------------
 
 
 @serve.deployment
 class ModelServer:
-    """One exported model behind a deployment handle; streams deltas of batched generation."""
+    """One exported model behind a deployment handle, decoding its requests by continuous batching.
+
+    The replica runs its own decode loop: requests join the running batch between steps (up to
+    max_batch_size rows, prefilled as they join) and leave it when they finish, so a new request
+    waits for one decoding step, not for a whole batch to end. When the replica is idle, the first
+    request waits batch_wait_timeout_s for others to start with it. Each step runs in a thread,
+    so the replica keeps taking requests while it decodes.
+    """
 
     def __init__(self, name: str, model_dir: str, cfg: dict):
         import torch
@@ -76,15 +88,30 @@ class ModelServer:
         device = "cuda" if cfg["num_gpus_per_replica"] > 0 and torch.cuda.is_available() else "cpu"
         self.name = name
         self.engine = Engine(model_dir, max_tokens_limit=cfg["max_tokens_limit"], device=device)
-        self._batched.set_max_batch_size(cfg["max_batch_size"])
-        self._batched.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
+        self.max_batch_size = cfg["max_batch_size"]
+        self.wait_s = cfg["batch_wait_timeout_s"]
+        self._pending: deque[tuple[PreparedJob, asyncio.Queue]] = deque()  # arrived, not yet in the batch
+        self._outputs: dict[int, asyncio.Queue] = {}  # id(job) -> its caller's queue of deltas
+        self._cancelled: list[PreparedJob] = []  # callers that went away; dropped before the next step
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.Task | None = None
         tags = {"model": name}
-        self._tokens = metrics.Counter("raylm_generated_tokens", "Tokens generated.", tag_keys=("model",))
-        self._tokens.set_default_tags(tags)
-        self._batch_size = metrics.Histogram(
-            "raylm_batch_size", "Requests decoded together.", boundaries=[1, 2, 4, 8, 16, 32], tag_keys=("model",)
-        )
-        self._batch_size.set_default_tags(tags)
+
+        def tagged(metric):
+            metric.set_default_tags(tags)
+            return metric
+
+        self._tokens = tagged(metrics.Counter("raylm_generated_tokens", "Tokens generated.", tag_keys=("model",)))
+        self._batch_size = tagged(metrics.Histogram(
+            "raylm_batch_size", "Requests decoded together, per decoding step.", boundaries=[1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("model",),
+        ))  # fmt: skip
+        self._queue = tagged(metrics.Gauge(
+            "raylm_queue_depth", "Requests in a replica waiting to join its batch.", tag_keys=("model",)
+        ))  # fmt: skip
+        self._speed = tagged(metrics.Gauge(
+            "raylm_tokens_per_s", "Output tokens per second of the replica's last decoding step.", tag_keys=("model",)
+        ))  # fmt: skip
 
     async def generate(self, job: CompletionJob) -> AsyncIterator[dict]:
         """Deltas of one job; a single {"error": body, "status": code} when the job cannot run."""
@@ -93,24 +120,80 @@ class ModelServer:
         except APIError as e:
             yield {"error": e.body(), "status": e.status}
             return
-        async for delta in self._batched(prepared):
-            yield delta
+        if self._loop is None:  # started here: the replica's event loop runs it
+            self._wake = asyncio.Event()
+            self._loop = asyncio.get_running_loop().create_task(self._decode_loop())
+        queue: asyncio.Queue = asyncio.Queue()
+        self._pending.append((prepared, queue))
+        self._queue.set(len(self._pending))
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                if isinstance(delta, BaseException):
+                    raise delta
+                finished = delta["finish_reason"] is not None
+                yield delta
+        finally:
+            if not finished:
+                self._cancelled.append(prepared)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list) -> AsyncIterator[list]:
-        # Called with the jobs of concurrent requests; yields one list per decoding step,
-        # StopIteration for a job that has finished (Serve then ends that caller's stream).
-        self._batch_size.observe(len(jobs))
-        steps = self.engine.stream_batch(jobs)
+    async def _decode_loop(self) -> None:
+        batch = self.engine.batch()
         while True:
-            # Each step runs in a thread so the replica keeps accepting requests for the next batch.
-            out = await asyncio.to_thread(next, steps, None)
-            if out is None:
-                return
-            finished = sum(d["completion_tokens"] for d in out if d is not None and d["finish_reason"] is not None)
-            if finished:
-                self._tokens.inc(finished)
-            yield [StopIteration if d is None else d for d in out]
+            if not batch and not self._pending:
+                self._wake.clear()
+                self._speed.set(0.0)
+                while not self._wake.is_set():
+                    # Ray drops a gauge no one has set for ~30 s: an idle replica keeps reporting its zeros.
+                    self._queue.set(0)
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=GAUGE_REFRESH_S)
+                    except asyncio.TimeoutError:
+                        self._speed.set(0.0)
+                if self.wait_s > 0:
+                    await asyncio.sleep(self.wait_s)  # let a burst of requests start together
+            gone, self._cancelled = self._cancelled, []
+            if gone:
+                batch.drop(gone)
+                for job in gone:
+                    self._outputs.pop(id(job), None)
+            skip = {id(job) for job in gone}
+            joining = []
+            while self._pending and len(batch) + len(joining) < self.max_batch_size:
+                job, queue = self._pending.popleft()
+                if id(job) not in skip:
+                    self._outputs[id(job)] = queue
+                    joining.append(job)
+            self._queue.set(len(self._pending))
+            if not batch and not joining:
+                continue
+            started = time.perf_counter()
+            try:
+                deltas = await asyncio.to_thread(self._step, batch, joining)
+            except Exception as e:  # the model failed: every caller in the batch gets the error
+                logger.exception("raylm serve: decoding step failed")
+                for queue in self._outputs.values():
+                    queue.put_nowait(e)
+                self._outputs.clear()
+                batch = self.engine.batch()
+                continue
+            for job, delta in deltas:
+                queue = self._outputs.get(id(job))
+                if delta["finish_reason"] is not None:
+                    self._outputs.pop(id(job), None)
+                if queue is not None:
+                    queue.put_nowait(delta)
+            if batch.last_step_tokens:
+                self._tokens.inc(batch.last_step_tokens)
+                self._speed.set(batch.last_step_tokens / max(time.perf_counter() - started, 1e-9))
+
+    def _step(self, batch, joining: list[PreparedJob]) -> list:
+        if joining:
+            batch.add(joining)
+        self._batch_size.observe(len(batch))
+        return batch.step()
 
     async def info(self) -> dict:
         return {"name": self.name, **self.engine.info()}
@@ -120,9 +203,66 @@ class ModelServer:
 
 api = FastAPI(title="raylm", description="OpenAI-compatible completions from raylm models.")
 
+_MS_BOUNDARIES = [1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+
+class IngressMetrics:
+    """The ingress's Ray metrics (exported to the Ray dashboard's Prometheus endpoint as ray_raylm_*)."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.requests = metrics.Counter(
+            "raylm_requests", "HTTP requests answered, by route, model and status code.",
+            tag_keys=("route", "model", "status"),
+        )  # fmt: skip
+        self.errors = metrics.Counter(
+            "raylm_request_errors", "Requests answered with an error (4xx or 5xx), by route, status and error code.",
+            tag_keys=("route", "status", "code"),
+        )  # fmt: skip
+        self.ttft = metrics.Histogram(
+            "raylm_time_to_first_token_ms", "From a request's arrival to its first generated token.",
+            boundaries=_MS_BOUNDARIES, tag_keys=("model",),
+        )  # fmt: skip
+        self.tpot = metrics.Histogram(
+            "raylm_time_per_output_token_ms", "Mean time between a request's output tokens after the first.",
+            boundaries=_MS_BOUNDARIES, tag_keys=("model",),
+        )  # fmt: skip
+
+
+_metrics: list[IngressMetrics] = []
+
+
+def ingress_metrics() -> IngressMetrics:
+    """This process's IngressMetrics, made on first use (in the ingress replica: Ray metrics need its Ray worker).
+
+    A function of this module, not a global the ingress class assigns: Serve pickles the deployment
+    class by value, with its own copy of the module globals, while the middleware below runs here.
+    """
+    if not _metrics:
+        _metrics.append(IngressMetrics())
+    return _metrics[0]
+
+
+@api.middleware("http")
+async def _count_requests(request: Request, call_next):
+    response = await call_next(request)
+    metrics = ingress_metrics()
+    # The route's template ("/v1/models/{model}"), not the path: a client cannot grow the tag set.
+    route = getattr(request.scope.get("route"), "path", "other")
+    model = getattr(request.state, "model", "") or ""
+    status = str(response.status_code)
+    metrics.requests.inc(tags={"route": route, "model": model, "status": status})
+    if response.status_code >= 400:
+        code = getattr(request.state, "error_code", None) or ""
+        metrics.errors.inc(tags={"route": route, "status": status, "code": code})
+    return response
+
+
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    request.state.error_code = e.code
     return JSONResponse(e.body(), status_code=e.status)
 
 
@@ -155,11 +295,13 @@ class OpenAIIngress:
     """OpenAI routes: /v1/completions, /v1/chat/completions, /v1/models, /health."""
 
     def __init__(self, models: dict[str, DeploymentHandle], cards: dict[str, dict], cfg: dict, app_name: str):
+        self.handles = models
         self.models = {name: handle.options(stream=True) for name, handle in models.items()}
         self.cards = cards
         self.api_key = cfg["api_key"]
         self.max_tokens_limit = cfg["max_tokens_limit"]
         self.app_name = app_name
+        self.metrics = ingress_metrics()
 
     # -- helpers --
 
@@ -170,9 +312,10 @@ class OpenAIIngress:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise invalid_api_key()
 
-    def _model(self, name: str) -> DeploymentHandle:
+    def _model(self, request: Request, name: str) -> DeploymentHandle:
         if name not in self.models:
             raise model_not_found(name)
+        request.state.model = name
         return self.models[name]
 
     def _check_max_tokens(self, max_tokens: int | None, param: str = "max_tokens") -> None:
@@ -183,32 +326,48 @@ class OpenAIIngress:
                 code="invalid_value",
             )
 
-    @staticmethod
-    async def _open(handle: DeploymentHandle, job: CompletionJob) -> tuple[dict, AsyncIterator[dict]]:
-        """Start a job and read its first delta, so that a bad job becomes an HTTP error before any stream."""
-        stream = handle.generate.remote(job)
+    async def _open(self, model: str, job: CompletionJob, arrived: float) -> tuple[dict, AsyncIterator[dict], float]:
+        """Start a job and read its first delta, so that a bad job becomes an HTTP error before any stream.
+
+        Returns the delta, the rest of the stream, and when the first token came (time.perf_counter).
+        """
+        stream = self.models[model].generate.remote(job)
         try:
             first = await stream.__anext__()
         except Exception as e:  # a replica crash, not a bad request
             raise _server_error(e) from None
         if "error" in first:
             raise APIError.from_body(first["error"], first["status"])
-        return first, stream
+        first_token = time.perf_counter()
+        if first["completion_tokens"]:
+            self.metrics.ttft.observe(1000 * (first_token - arrived), tags={"model": model})
+        return first, stream, first_token
 
-    async def _collect(self, handle: DeploymentHandle, job: CompletionJob) -> dict:
-        first, stream = await self._open(handle, job)
-        parts, last = [first["text"]], first
+    def _finished(self, model: str, first_token: float, last: dict) -> None:
+        """Time per output token of a finished job: the tokens after the first, over the time they took."""
+        if last["completion_tokens"] > 1:
+            tpot = (time.perf_counter() - first_token) / (last["completion_tokens"] - 1)
+            self.metrics.tpot.observe(1000 * tpot, tags={"model": model})
+
+    async def _collect(self, model: str, job: CompletionJob, arrived: float) -> dict:
+        first, stream, first_token = await self._open(model, job, arrived)
+        parts, last, logprobs = [first["text"]], first, list(first.get("logprobs", ()))
         try:
             async for delta in stream:
                 parts.append(delta["text"])
+                logprobs.extend(delta.get("logprobs", ()))
                 last = delta
         except Exception as e:
             raise _server_error(e) from None
-        return {**last, "text": "".join(parts)}
+        self._finished(model, first_token, last)
+        result = {**last, "text": "".join(parts)}
+        if job.logprobs is not None:
+            result["logprobs"] = logprobs
+        return result
 
-    async def _gather(self, handle: DeploymentHandle, jobs: list[CompletionJob]) -> list[dict]:
-        # Sent together, so one replica's @serve.batch can decode them in one batch.
-        return list(await asyncio.gather(*(self._collect(handle, job) for job in jobs)))
+    async def _gather(self, model: str, jobs: list[CompletionJob], arrived: float) -> list[dict]:
+        # Sent together, so that they join the same replica batch.
+        return list(await asyncio.gather(*(self._collect(model, job, arrived) for job in jobs)))
 
     @staticmethod
     def _usage(results: list[dict], n: int) -> dict:
@@ -219,7 +378,27 @@ class OpenAIIngress:
 
     @api.get("/health")
     async def health(self) -> dict:
+        """Liveness: the ingress answers (Serve restarts replicas that stop answering its own checks)."""
         return {"status": "ok", "app": self.app_name, "models": sorted(self.models)}
+
+    @api.get("/ready")
+    async def ready(self):
+        """Readiness: 200 once every model has a replica that answers within 5 s, else 503 naming the ones that do not."""
+
+        async def answers(name: str) -> bool:
+            try:
+                await asyncio.wait_for(self.handles[name].info.remote(), timeout=5.0)
+                return True
+            except Exception:
+                return False
+
+        names = sorted(self.handles)
+        ok = await asyncio.gather(*(answers(n) for n in names))
+        if all(ok):
+            return {"status": "ready", "models": names}
+        waiting = [n for n, up in zip(names, ok) if not up]
+        body = APIError(f"Models not ready: {', '.join(waiting)}", status=503, type="server_error", code="not_ready").body()
+        return JSONResponse({**body, "status": "not_ready", "models": names, "not_ready": waiting}, status_code=503)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -229,14 +408,15 @@ class OpenAIIngress:
     @api.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict:
         self._authorize(request)
-        self._model(model)
+        self._model(request, model)
         return self.cards[model]
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        arrived = time.perf_counter()
         self._authorize(request)
         req = parse_request(await request.body(), CompletionRequest)
-        handle = self._model(req.model)
+        self._model(request, req.model)
         self._check_max_tokens(req.max_tokens)
         jobs = [
             CompletionJob(
@@ -244,29 +424,37 @@ class OpenAIIngress:
                 max_tokens=req.max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
+                top_k=req.top_k,
                 seed=None if req.seed is None else req.seed + j,
                 stop=tuple(req.stops),
                 echo=req.echo,
+                logprobs=req.logprobs,
             )
             for prompt in req.prompts
             for j in range(req.n)
         ]
         if req.stream:
-            first, stream = await self._open(handle, jobs[0])
-            events = self._completion_events(req, first, stream)
+            first, stream, first_token = await self._open(req.model, jobs[0], arrived)
+            events = self._completion_events(req, first, stream, first_token)
             return StreamingResponse(events, media_type="text/event-stream")
-        results = await self._gather(handle, jobs)
+        results = await self._gather(req.model, jobs, arrived)
         return completion_body(new_id("cmpl"), req.model, results, self._usage(results, req.n))
 
-    async def _completion_events(self, req: CompletionRequest, first: dict, stream) -> AsyncIterator[str]:
+    async def _completion_events(self, req: CompletionRequest, first: dict, stream, first_token: float) -> AsyncIterator[str]:
         id, created, last = new_id("cmpl"), int(time.time()), first
+        pending, offset = [], 0  # log-probabilities of tokens whose text is still held back go with the next chunk
         try:
             async for delta in _deltas(first, stream):
                 last = delta
+                pending.extend(delta.get("logprobs", ()))
                 if delta["text"] or delta["finish_reason"]:
-                    yield sse(completion_chunk(id, req.model, created, delta["text"], delta["finish_reason"]))
+                    logprobs = completion_logprobs(pending, offset) if req.logprobs is not None else None
+                    offset += len(delta["text"])
+                    pending = []
+                    yield sse(completion_chunk(id, req.model, created, delta["text"], delta["finish_reason"], logprobs))
         except Exception as e:
             yield sse(_server_error(e).body())
+        self._finished(req.model, first_token, last)
         if req.include_usage:
             body = usage(last["prompt_tokens"], last["completion_tokens"])
             yield sse(usage_chunk(id, req.model, created, "text_completion", body))
@@ -274,9 +462,10 @@ class OpenAIIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        arrived = time.perf_counter()
         self._authorize(request)
         req = parse_request(await request.body(), ChatCompletionRequest)
-        handle = self._model(req.model)
+        self._model(request, req.model)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         self._check_max_tokens(req.token_budget, param)
         prompt = chat_prompt(req.messages)
@@ -286,35 +475,42 @@ class OpenAIIngress:
                 max_tokens=req.token_budget,
                 temperature=req.temperature,
                 top_p=req.top_p,
+                top_k=req.top_k,
                 seed=None if req.seed is None else req.seed + j,
                 stop=(*req.stops, CHAT_STOP),
                 param="messages",
+                logprobs=req.logprobs_k,
             )
             for j in range(req.n)
         ]
         if req.stream:
-            first, stream = await self._open(handle, jobs[0])
-            return StreamingResponse(self._chat_events(req, first, stream), media_type="text/event-stream")
-        results = await self._gather(handle, jobs)
+            first, stream, first_token = await self._open(req.model, jobs[0], arrived)
+            return StreamingResponse(self._chat_events(req, first, stream, first_token), media_type="text/event-stream")
+        results = await self._gather(req.model, jobs, arrived)
         for r in results:
             r["text"] = r["text"].strip()  # the transcript puts a space after "Assistant:"
         return chat_body(new_id("chatcmpl"), req.model, results, self._usage(results, req.n))
 
-    async def _chat_events(self, req: ChatCompletionRequest, first: dict, stream) -> AsyncIterator[str]:
+    async def _chat_events(self, req: ChatCompletionRequest, first: dict, stream, first_token: float) -> AsyncIterator[str]:
         id, created, last = new_id("chatcmpl"), int(time.time()), first
         yield sse(chat_chunk(id, req.model, created, {"role": "assistant", "content": ""}, None))
         started = False  # the first words of the reply lose their leading space
+        pending = []  # log-probabilities of tokens whose text is still held back go with the next chunk
         try:
             async for delta in _deltas(first, stream):
                 last = delta
+                pending.extend(delta.get("logprobs", ()))
                 text = delta["text"] if started else delta["text"].lstrip()
                 started = started or bool(text)
                 if text:
-                    yield sse(chat_chunk(id, req.model, created, {"content": text}, None))
+                    logprobs = chat_logprobs(pending) if req.logprobs_k is not None else None
+                    pending = []
+                    yield sse(chat_chunk(id, req.model, created, {"content": text}, None, logprobs))
                 if delta["finish_reason"]:
                     yield sse(chat_chunk(id, req.model, created, {}, delta["finish_reason"]))
         except Exception as e:
             yield sse(_server_error(e).body())
+        self._finished(req.model, first_token, last)
         if req.include_usage:
             body = usage(last["prompt_tokens"], last["completion_tokens"])
             yield sse(usage_chunk(id, req.model, created, "chat.completion.chunk", body))
@@ -324,7 +520,7 @@ class OpenAIIngress:
 # --- building and running -----------------------------------------------------------------------------
 
 
-def _deployment_name(model: str) -> str:
+def deployment_name(model: str) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", model)
 
 
@@ -350,20 +546,12 @@ def available_models(serve_cfg: ServeConfig) -> dict[str, str]:
 
 def build_app(serve_cfg: ServeConfig, name: str = "raylm") -> serve.Application:
     """The Serve application for `serve_cfg`: the ingress bound to one autoscaled deployment per model."""
+    from raylm.serve.deploy import deployment_options
+
     cfg = serve_cfg.model_dump()
-    auto = serve_cfg.autoscaling
-    actor_options = {"num_cpus": serve_cfg.num_cpus_per_replica}
-    if serve_cfg.num_gpus_per_replica > 0:
-        actor_options["num_gpus"] = serve_cfg.num_gpus_per_replica
     handles, cards = {}, {}
     for model, path in available_models(serve_cfg).items():
-        handles[model] = ModelServer.options(
-            name=_deployment_name(model),
-            ray_actor_options=actor_options,
-            autoscaling_config=auto.model_dump(),
-            # Room for a full batch being decoded and the next one gathering.
-            max_ongoing_requests=max(2 * serve_cfg.max_batch_size, math.ceil(auto.target_ongoing_requests)),
-        ).bind(model, path, cfg)
+        handles[model] = ModelServer.options(name=deployment_name(model), **deployment_options(serve_cfg)).bind(model, path, cfg)
         cards[model] = model_card(model, int((Path(path) / CONFIG).stat().st_mtime))
     return OpenAIIngress.options(
         name="openai",

@@ -17,6 +17,10 @@ class AutoscalingConfig(ConfigSection):
     """How long the load must stay above target before replicas are added."""
     downscale_delay_s: float = Field(30.0, ge=0.0)
     """How long the load must stay below target before replicas are removed."""
+    look_back_period_s: float = Field(10.0, gt=0.0)
+    """The window the ongoing-request count is averaged over when deciding (Serve's default is 30 s)."""
+    metrics_interval_s: float = Field(2.0, gt=0.0)
+    """How often replicas report their ongoing requests to the autoscaler."""
 
     @model_validator(mode="after")
     def _ordered(self):
@@ -36,9 +40,9 @@ class ServeConfig(ConfigSection):
     max_tokens_limit: int = Field(256, ge=1)
     """Largest max_tokens a request may ask for."""
     max_batch_size: int = Field(8, ge=1)
-    """Concurrent requests one model replica decodes together (`@serve.batch`)."""
+    """Requests one model replica decodes together (continuous batching: they join and leave between steps); 1: no batching."""
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    """How long a replica waits for more requests before it starts a batch that is not full."""
+    """How long an idle replica waits, after a request arrives, for others to start decoding with it."""
     num_cpus_per_replica: float = Field(1.0, gt=0.0)
     """Ray CPUs reserved by each model replica (also its torch thread count, at least 1)."""
     num_gpus_per_replica: float = Field(0.0, ge=0.0)

@@ -9,11 +9,13 @@ use it directly:
 
 A batch streams as a list per decoding step with one entry per job: a delta
 {"text", "finish_reason", "prompt_tokens", "completion_tokens"} while the job runs (its
-last one carries the finish_reason), then None once it has finished.
+last one carries the finish_reason), then None once it has finished. A job that asks for
+log-probabilities also gets "logprobs": one entry per token of the step (see `token_logprob`).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -22,7 +24,7 @@ import torch
 
 from raylm.errors import InputError
 from raylm.model.artifact import load_model
-from raylm.model.generate import SamplingParams, decode_steps
+from raylm.model.generate import RunningBatch, SamplingParams
 from raylm.serve.openai_api import APIError
 
 
@@ -36,6 +38,8 @@ class CompletionJob:
     """None: as many as the context leaves room for, up to the engine's max_tokens_limit."""
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0: all."""
     seed: int | None = None
     stop: tuple[str, ...] = ()
     """Stop strings: generation ends where one appears, and the text excludes it."""
@@ -43,6 +47,28 @@ class CompletionJob:
     """Put the prompt's text before the completion."""
     param: str = "prompt"
     """The request field the prompt came from, named in errors ("messages" for chat)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each token's, with the k most likely alternatives."""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The inverse of byte-level BPE's alphabet: printable bytes stand for themselves, the others for 256 + i."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def token_bytes(tokenizer, token_id: int) -> list[int]:
+    """The bytes a token stands for: exact for byte-level BPE, else the UTF-8 of its decoded text."""
+    piece = tokenizer.id_to_token(token_id) or ""
+    if piece and all(c in _BYTE_DECODER for c in piece):
+        return [_BYTE_DECODER[c] for c in piece]
+    return list(tokenizer.decode([token_id]).encode("utf-8"))
 
 
 class _TextStream:
@@ -132,53 +158,57 @@ class Engine:
             max_new_tokens=max_tokens,
             temperature=job.temperature,
             top_p=job.top_p,
+            top_k=job.top_k,
             seed=job.seed,
             eos_token_id=self.eos_token_id,
             stop_check=text,
+            logprobs=job.logprobs,
         )
         prefix = ""
         if job.echo:
             prefix = job.prompt if isinstance(job.prompt, str) else self.tokenizer.decode(prompt_ids)
         return PreparedJob(prompt_ids, params, text, prefix)
 
+    def batch(self) -> "EngineBatch":
+        """An empty running batch of this engine's model, for jobs that join and leave as they come."""
+        return EngineBatch(self)
+
     def stream_batch(self, jobs: list[PreparedJob]) -> Iterator[list[dict | None]]:
         """Decode the jobs together; after each step yield one entry per job (see the module docstring)."""
-        done = [False] * len(jobs)
-        for step in decode_steps(self.model, [j.prompt_ids for j in jobs], [j.params for j in jobs]):
+        batch = self.batch()
+        batch.add(jobs)
+        index = {id(job): i for i, job in enumerate(jobs)}
+        while batch:
             out: list[dict | None] = [None] * len(jobs)
-            for s in step:
-                job = jobs[s.row]
-                if s.token is not None:
-                    job.completion_tokens += 1
-                final = s.finish_reason is not None
-                text = job.prefix + job.text.take(final)
-                job.prefix = ""
-                out[s.row] = {
-                    "text": text,
-                    "finish_reason": s.finish_reason,
-                    "prompt_tokens": len(job.prompt_ids),
-                    "completion_tokens": job.completion_tokens,
-                }
-            for i, entry in enumerate(out):
-                if entry is None and not done[i]:
-                    # Running, but not in this step: jobs with max_tokens 0 finish in a step of their own.
-                    out[i] = {"text": "", "finish_reason": None, "prompt_tokens": len(jobs[i].prompt_ids),
-                              "completion_tokens": jobs[i].completion_tokens}
-                elif entry is not None and entry["finish_reason"] is not None:
-                    done[i] = True
+            for job, delta in batch.step():
+                out[index[id(job)]] = delta
             yield out
-            if all(done):
-                return
+
+    def token_logprob(self, step) -> dict:
+        """{"token", "bytes", "logprob", "top": [{"token", "bytes", "logprob"}, ...]} of one generated token."""
+        return {
+            **self._token(step.token),
+            "logprob": step.logprob,
+            "top": [{**self._token(t), "logprob": lp} for t, lp in step.top_logprobs],
+        }
+
+    def _token(self, token_id: int) -> dict:
+        # A byte-level BPE token can hold part of a UTF-8 character: its text then shows U+FFFD, its bytes are exact.
+        return {"token": self.tokenizer.decode([token_id]), "bytes": token_bytes(self.tokenizer, token_id)}
 
     def complete(self, job: CompletionJob) -> dict:
-        """Run one job to the end: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
+        """Run one job to the end: {"text", "finish_reason", "prompt_tokens", "completion_tokens"} (and "logprobs")."""
         prepared = self.prepare(job)
-        text, last = [], None
+        text, last, logprobs = [], None, []
         for (delta,) in self.stream_batch([prepared]):
             if delta is not None:
                 text.append(delta["text"])
+                logprobs.extend(delta.get("logprobs", ()))
                 last = delta
-        return {**last, "text": "".join(text)}
+        result = {**last, "text": "".join(text)}
+        if job.logprobs is not None:
+            result["logprobs"] = logprobs
+        return result
 
     def info(self) -> dict:
         return {
@@ -186,3 +216,70 @@ class Engine:
             "quantization": self.loaded.meta.get("quantization"),
             "device": str(next(iter(self.model.parameters()), torch.empty(0)).device),
         }
+
+
+class EngineBatch:
+    """Prepared jobs decoded together, one token per step; jobs join between steps and leave when they finish.
+
+    This is continuous batching: a server adds the jobs that arrived since the last step and
+    calls `step()`, which returns a delta for every job that moved, in the shape of the module
+    docstring; a job's last delta carries its finish_reason.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.running = RunningBatch(engine.model)
+        self.jobs: dict[int, PreparedJob] = {}
+        self._keys = itertools.count()
+        self._finished: list[tuple[PreparedJob, dict]] = []  # jobs with nothing to generate, answered next step
+        self.last_step_tokens = 0
+        """Tokens the last `step()` generated."""
+
+    def __len__(self) -> int:
+        return len(self.running) + len(self._finished)
+
+    def add(self, jobs: list[PreparedJob]) -> None:
+        """Prefill the jobs (one forward pass for all of them) into the running batch."""
+        items = []
+        for job in jobs:
+            key = next(self._keys)
+            self.jobs[key] = job
+            items.append((key, job.prompt_ids, job.params))
+        for step in self.running.add(items):
+            job = self.jobs.pop(step.row)
+            self._finished.append((job, self._delta(job, step)))
+
+    def drop(self, jobs: list[PreparedJob]) -> None:
+        """Stop decoding these jobs (their clients went away)."""
+        gone = {id(j) for j in jobs}
+        keys = [k for k, j in self.jobs.items() if id(j) in gone]
+        self.running.drop(keys)
+        for k in keys:
+            del self.jobs[k]
+
+    def step(self) -> list[tuple[PreparedJob, dict]]:
+        out, self._finished = self._finished, []
+        steps = self.running.step()
+        self.last_step_tokens = sum(step.token is not None for step in steps)
+        for step in steps:
+            job = self.jobs[step.row]
+            out.append((job, self._delta(job, step)))
+            if step.finish_reason is not None:
+                del self.jobs[step.row]
+        return out
+
+    def _delta(self, job: PreparedJob, step) -> dict:
+        if step.token is not None:
+            job.completion_tokens += 1
+        final = step.finish_reason is not None
+        text = job.prefix + job.text.take(final)
+        job.prefix = ""
+        delta = {
+            "text": text,
+            "finish_reason": step.finish_reason,
+            "prompt_tokens": len(job.prompt_ids),
+            "completion_tokens": job.completion_tokens,
+        }
+        if job.params.logprobs is not None:
+            delta["logprobs"] = [] if step.token is None else [self.engine.token_logprob(step)]
+        return delta

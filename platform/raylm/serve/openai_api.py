@@ -2,8 +2,11 @@
 
 Pure pydantic and dicts, no Ray: the ingress parses with `parse_request`, and every failure
 becomes an `APIError` whose body is OpenAI's `{"error": {"message", "type", "param", "code"}}`
-with a 4xx status. Fields that OpenAI accepts but raylm cannot honour (logprobs, penalties,
-logit_bias, suffix, best_of > 1) are rejected with a message naming the field, rather than ignored.
+with a 4xx status. Fields that OpenAI accepts but raylm cannot honour (penalties, logit_bias,
+suffix, best_of > 1, logprobs with echo) are rejected with a message naming the field, rather than ignored.
+`top_k` is accepted as vLLM accepts it (the OpenAI client sends it in `extra_body`).
+
+Log-probabilities are the model's own (log-softmax of its logits, before temperature, top-k and top-p).
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_CHOICES = 8
 """Largest `n` (times the number of prompts) one request may ask for."""
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 256
+"""Longest stop sequence (the text stream checks every prefix of every stop after each token)."""
+MAX_BODY_BYTES = 1 << 20
+"""Largest request body; bigger ones are refused with a 413 before they are parsed."""
+SEED_RANGE = (-(2**63), 2**63 - 1)
+"""Seeds torch's generators take (choice j of a request samples with seed + j)."""
+MAX_COMPLETION_LOGPROBS = 5
+"""Largest `logprobs` of /v1/completions (OpenAI's limit)."""
+MAX_TOP_LOGPROBS = 20
+"""Largest `top_logprobs` of /v1/chat/completions (OpenAI's limit)."""
 
 
 class APIError(Exception):
@@ -62,11 +75,13 @@ class _Request(BaseModel):
     model: str = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    """Sample from the k most likely tokens; 0 (or -1, vLLM's spelling) keeps all."""
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: dict | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -80,7 +95,14 @@ class _Request(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         if any(s == "" for s in stops):
             raise ValueError("stop sequences must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_CHARS} characters")
         return stops
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _top_k_all(cls, v):
+        return 0 if v == -1 and not isinstance(v, bool) else v
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
@@ -118,7 +140,8 @@ class CompletionRequest(_Request):
     """One prompt (a string, a list of one or more strings, or a list of token ids)."""
     max_tokens: int | None = Field(16, ge=0)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    """Log-probability of each generated token and of the `logprobs` most likely tokens at its place."""
     best_of: int | None = None
     suffix: str | None = None
 
@@ -130,13 +153,6 @@ class CompletionRequest(_Request):
         if len(v) == 0 or any(isinstance(p, str) and p == "" for p in v):
             raise ValueError("the prompt must not be empty")
         return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by raylm")
-        return None
 
     @field_validator("best_of")
     @classmethod
@@ -158,6 +174,8 @@ class CompletionRequest(_Request):
             raise ValueError("stream=true supports one prompt only")
         if len(self.prompts) * self.n > MAX_CHOICES:
             raise ValueError(f"prompts x n must be at most {MAX_CHOICES}")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs together with echo (log-probabilities of the prompt) is not supported by raylm")
         return self
 
     @property
@@ -193,13 +211,20 @@ class ChatCompletionRequest(_Request):
     max_tokens: int | None = Field(None, ge=0)
     max_completion_tokens: int | None = Field(None, ge=0)
     logprobs: bool | None = None
+    """Return the log-probability of each token of the reply."""
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With logprobs: also the `top_logprobs` most likely tokens at each place."""
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported by raylm")
-        return v
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def logprobs_k(self) -> int | None:
+        """The engine's setting: None (no log-probabilities) or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_budget(self) -> int | None:
@@ -228,13 +253,25 @@ def _param(loc: tuple) -> str | None:
 
 
 def parse_request(body: bytes, schema: type[R]) -> R:
-    """Validate a JSON body against `schema`; APIError(400) naming the first bad field otherwise."""
+    """Validate a JSON body against `schema`; APIError(400) naming the first bad field otherwise (413: too big)."""
+    if len(body) > MAX_BODY_BYTES:
+        raise APIError(f"The request body is {len(body)} bytes; at most {MAX_BODY_BYTES} are accepted",
+                       status=413, code="request_too_large")  # fmt: skip
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(f"The request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError("The request body is not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise APIError("The request body must be a JSON object")
+    try:
+        # JSON may escape a lone UTF-16 surrogate ("\ud800"): valid JSON, but no text a tokenizer can take.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError("The request body holds a string that is not valid Unicode (a lone surrogate escape)") from None
+    except RecursionError:
+        raise APIError("The request body is not valid JSON: nested too deeply") from None
     try:
         return schema.model_validate(data)
     except ValidationError as e:
@@ -272,28 +309,65 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
+def completion_logprobs(tokens: list[dict] | None, offset: int = 0) -> dict | None:
+    """The legacy completions `logprobs` object of the engine's token entries (None when not asked for).
+
+    text_offset: where each token's text starts, counted from `offset` (the characters sent before them).
+    """
+    if tokens is None:
+        return None
+    offsets, tops = [], []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t["token"])
+        top: dict[str, float] = {}
+        for alt in t["top"]:  # most likely first: of tokens showing the same text, the likeliest names it
+            top.setdefault(alt["token"], alt["logprob"])
+        tops.append(top)
+    return {
+        "tokens": [t["token"] for t in tokens],
+        "token_logprobs": [t["logprob"] for t in tokens],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[dict] | None) -> dict | None:
+    """The chat `logprobs` object ({"content": [...], "refusal": None}) of the engine's token entries."""
+    if tokens is None:
+        return None
+
+    def entry(t: dict) -> dict:
+        return {"token": t["token"], "logprob": t["logprob"], "bytes": t["bytes"]}
+
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t["top"]]} for t in tokens], "refusal": None}
+
+
 def completion_body(id: str, model: str, choices: list[dict], usage_body: dict, created: int | None = None) -> dict:
-    """A `text_completion`; choices hold {"text", "finish_reason"} in order."""
+    """A `text_completion`; choices hold {"text", "finish_reason"} (and "logprobs", the engine's entries) in order."""
     return {
         "id": id,
         "object": "text_completion",
         "created": created or int(time.time()),
         "model": model,
         "choices": [
-            {"text": c["text"], "index": i, "logprobs": None, "finish_reason": c["finish_reason"]}
+            {"text": c["text"], "index": i, "logprobs": completion_logprobs(c.get("logprobs")),
+             "finish_reason": c["finish_reason"]}
             for i, c in enumerate(choices)
-        ],
+        ],  # fmt: skip
         "usage": usage_body,
     }
 
 
-def completion_chunk(id: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(
+    id: str, model: str, created: int, text: str, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
@@ -308,7 +382,7 @@ def chat_body(id: str, model: str, choices: list[dict], usage_body: dict, create
             {
                 "index": i,
                 "message": {"role": "assistant", "content": c["text"]},
-                "logprobs": None,
+                "logprobs": chat_logprobs(c.get("logprobs")),
                 "finish_reason": c["finish_reason"],
             }
             for i, c in enumerate(choices)
@@ -317,13 +391,15 @@ def chat_body(id: str, model: str, choices: list[dict], usage_body: dict, create
     }
 
 
-def chat_chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(
+    id: str, model: str, created: int, delta: dict, finish_reason: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
