@@ -201,3 +201,15 @@ def test_serve_config_file_is_a_valid_ray_serve_config(engine, tmp_path):
     model = next(d for d in raw["applications"][0]["deployments"] if d["name"] == "model-real")
     assert model["autoscaling_config"]["max_replicas"] == 3 and model["ray_actor_options"] == {"num_cpus": 1.0}
     assert raw["http_options"] == {"host": "127.0.0.1", "port": 8123}
+
+
+def test_joined_deltas_carry_both_texts_and_the_later_counts(engine):
+    from raylm.serve.engine import join_deltas
+
+    job = engine.prepare(CompletionJob(prompt="The quick", max_tokens=6, temperature=0, logprobs=1))
+    deltas = [d for (d,) in engine.stream_batch([job]) if d is not None]
+    joined = deltas[0]
+    for d in deltas[1:]:
+        joined = join_deltas(joined, d)
+    whole = engine.complete(CompletionJob(prompt="The quick", max_tokens=6, temperature=0, logprobs=1))
+    assert joined == whole

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raylm.errors import InputError, RaylmError
 from raylm.model.artifact import CONFIG, read_model_meta
 from raylm.serve.config import ServeConfig
-from raylm.serve.engine import CompletionJob, Engine, PreparedJob
+from raylm.serve.engine import CompletionJob, Engine, PreparedJob, join_deltas
 from raylm.serve.openai_api import (
     CHAT_STOP,
     APIError,
@@ -131,6 +131,15 @@ class ModelServer:
         try:
             while not finished:
                 delta = await queue.get()
+                # Deltas that piled up while the caller was busy go as one: fewer messages through Serve when
+                # the machine is loaded, and never a wait for a token that is not there yet.
+                while not isinstance(delta, BaseException) and delta["finish_reason"] is None and not queue.empty():
+                    more = queue.get_nowait()
+                    if isinstance(more, BaseException):
+                        yield delta
+                        delta = more
+                        break
+                    delta = join_deltas(delta, more)
                 if isinstance(delta, BaseException):
                     raise delta
                 finished = delta["finish_reason"] is not None

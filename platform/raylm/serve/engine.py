@@ -218,6 +218,14 @@ class Engine:
         }
 
 
+def join_deltas(first: dict, then: dict) -> dict:
+    """One delta with the text (and log-probabilities) of two consecutive deltas of a job."""
+    joined = {**then, "text": first["text"] + then["text"]}
+    if "logprobs" in first:
+        joined["logprobs"] = [*first["logprobs"], *then["logprobs"]]
+    return joined
+
+
 class EngineBatch:
     """Prepared jobs decoded together, one token per step; jobs join between steps and leave when they finish.
 
