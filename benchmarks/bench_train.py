@@ -170,6 +170,8 @@ def overhead(runs: Runs, args, results: dict) -> None:
     print("target: ratio >= 0.9 (ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "
           "fit s: the last round's whole Ray Train fit, start-up, export and checkpoint included)")
 
+    if args.skip_scaling:
+        return
     preset = args.presets.split(",")[0]
     base = speed_overrides(preset, args)
     full = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)])
@@ -296,6 +298,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="steps of each overhead / curves run")
     parser.add_argument("--log-every", type=int, default=10, help="steps per log window (a tokens/s and loss figure)")
     parser.add_argument("--skip-steps", type=int, default=None, help="steps left out of the steady state (default: 10%%, at least one window)")
+    parser.add_argument("--skip-scaling", action="store_true", help="the overhead section without its data-parallel scaling runs")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the overhead section (median)")
     parser.add_argument("--presets", default="demo", help="model presets of the overhead section (the first also for scaling and curves)")
     parser.add_argument("--threads", type=int, default=CORES, help="torch threads of the single-worker runs and the bare loop")

@@ -253,20 +253,41 @@ def ingress_metrics() -> IngressMetrics:
     return _metrics[0]
 
 
-@api.middleware("http")
-async def _count_requests(request: Request, call_next):
-    response = await call_next(request)
-    metrics = ingress_metrics()
-    # The route's template ("/v1/models/{model}"), not the path: a client cannot grow the tag set.
-    route = getattr(request.scope.get("route"), "path", "other")
-    model = getattr(request.state, "model", "") or ""
-    status = str(response.status_code)
-    metrics.requests.inc(tags={"route": route, "model": model, "status": status})
-    if response.status_code >= 400:
-        code = getattr(request.state, "error_code", None) or ""
-        metrics.errors.inc(tags={"route": route, "status": status, "code": code})
-    return response
+class _CountRequests:
+    """ASGI middleware counting every answered request by route, model, status (and error code).
 
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware copies every
+    chunk of a streamed response through a memory stream of its own, a cost paid per token here.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})  # the routes' request.state writes into this dict
+        status = 500
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            metrics = ingress_metrics()
+            # The route's template ("/v1/models/{model}"), not the path: a client cannot grow the tag set.
+            route = getattr(scope.get("route"), "path", "other")
+            tags = {"route": route, "model": state.get("model") or "", "status": str(status)}
+            metrics.requests.inc(tags=tags)
+            if status >= 400:
+                metrics.errors.inc(tags={"route": route, "status": str(status), "code": state.get("error_code") or ""})
+
+
+api.add_middleware(_CountRequests)
 
 
 @api.exception_handler(APIError)
