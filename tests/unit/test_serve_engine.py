@@ -213,3 +213,25 @@ def test_joined_deltas_carry_both_texts_and_the_later_counts(engine):
         joined = join_deltas(joined, d)
     whole = engine.complete(CompletionJob(prompt="The quick", max_tokens=6, temperature=0, logprobs=1))
     assert joined == whole
+
+
+def test_an_int8_model_serves_through_the_same_engine(engine, tmp_path):
+    """The quantize stage's output is one of the served models: the engine loads it and batches it the same way."""
+    from raylm.model.artifact import TOKENIZER
+    from raylm.model.quantized import quantize_gpt, save_quantized
+
+    target = tmp_path / "int8"
+    save_quantized(target, quantize_gpt(engine.loaded.model), engine.loaded.path / TOKENIZER, source_meta=engine.loaded.meta)
+    int8 = Engine(target, max_tokens_limit=24)
+    assert int8.info()["quantization"]
+    jobs = [CompletionJob(prompt="The quick", max_tokens=8, temperature=0), CompletionJob(prompt="Pack", max_tokens=5, temperature=0)]
+    alone = [int8.complete(j) for j in jobs]
+    assert all(1 <= r["completion_tokens"] <= j.max_tokens and r["text"] for r, j in zip(alone, jobs))
+    finals = [None, None]
+    for step in int8.stream_batch([int8.prepare(j) for j in jobs]):
+        for i, delta in enumerate(step):
+            if delta is not None and delta["finish_reason"]:
+                finals[i] = delta
+    # Batched, each job still gets its own budget. (Not the same text as alone: dynamic int8 quantizes a
+    # layer's input with one scale for the whole batch, so a row's rounding depends on the rows beside it.)
+    assert all(f is not None and f["completion_tokens"] <= j.max_tokens for f, j in zip(finals, jobs))
