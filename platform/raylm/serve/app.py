@@ -92,7 +92,7 @@ class ModelServer:
         self.wait_s = cfg["batch_wait_timeout_s"]
         self._pending: deque[tuple[PreparedJob, asyncio.Queue]] = deque()  # arrived, not yet in the batch
         self._outputs: dict[int, asyncio.Queue] = {}  # id(job) -> its caller's queue of deltas
-        self._cancelled: list[PreparedJob] = []  # callers that went away; dropped before the next step
+        self._cancelled: list[PreparedJob] = []  # in the batch, their callers gone; dropped before the next step
         self._wake: asyncio.Event | None = None
         self._loop: asyncio.Task | None = None
         tags = {"model": name}
@@ -145,8 +145,12 @@ class ModelServer:
                 finished = delta["finish_reason"] is not None
                 yield delta
         finally:
-            if not finished:
-                self._cancelled.append(prepared)
+            if not finished:  # the caller went away: forget the job, or drop it from the batch before the next step
+                waiting = next((i for i, (job, _) in enumerate(self._pending) if job is prepared), None)
+                if waiting is not None:
+                    del self._pending[waiting]
+                else:
+                    self._cancelled.append(prepared)
 
     async def _decode_loop(self) -> None:
         batch = self.engine.batch()
@@ -168,13 +172,11 @@ class ModelServer:
                 batch.drop(gone)
                 for job in gone:
                     self._outputs.pop(id(job), None)
-            skip = {id(job) for job in gone}
             joining = []
             while self._pending and len(batch) + len(joining) < self.max_batch_size:
                 job, queue = self._pending.popleft()
-                if id(job) not in skip:
-                    self._outputs[id(job)] = queue
-                    joining.append(job)
+                self._outputs[id(job)] = queue
+                joining.append(job)
             self._queue.set(len(self._pending))
             if not batch and not joining:
                 continue
@@ -342,11 +344,11 @@ class OpenAIIngress:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
             raise invalid_api_key()
 
-    def _model(self, request: Request, name: str) -> DeploymentHandle:
+    def _check_model(self, request: Request, name: str) -> None:
+        """404 for a model this app does not serve; else the request's metrics are tagged with it."""
         if name not in self.models:
             raise model_not_found(name)
         request.state.model = name
-        return self.models[name]
 
     def _check_max_tokens(self, max_tokens: int | None, param: str = "max_tokens") -> None:
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
@@ -381,18 +383,13 @@ class OpenAIIngress:
 
     async def _collect(self, model: str, job: CompletionJob, arrived: float) -> dict:
         first, stream, first_token = await self._open(model, job, arrived)
-        parts, last, logprobs = [first["text"]], first, list(first.get("logprobs", ()))
+        result = first
         try:
             async for delta in stream:
-                parts.append(delta["text"])
-                logprobs.extend(delta.get("logprobs", ()))
-                last = delta
+                result = join_deltas(result, delta)
         except Exception as e:
             raise _server_error(e) from None
-        self._finished(model, first_token, last)
-        result = {**last, "text": "".join(parts)}
-        if job.logprobs is not None:
-            result["logprobs"] = logprobs
+        self._finished(model, first_token, result)
         return result
 
     async def _gather(self, model: str, jobs: list[CompletionJob], arrived: float) -> list[dict]:
@@ -438,7 +435,7 @@ class OpenAIIngress:
     @api.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict:
         self._authorize(request)
-        self._model(request, model)
+        self._check_model(request, model)
         return self.cards[model]
 
     @api.post("/v1/completions")
@@ -446,7 +443,7 @@ class OpenAIIngress:
         arrived = time.perf_counter()
         self._authorize(request)
         req = parse_request(await request.body(), CompletionRequest)
-        self._model(request, req.model)
+        self._check_model(request, req.model)
         self._check_max_tokens(req.max_tokens)
         jobs = [
             CompletionJob(
@@ -495,7 +492,7 @@ class OpenAIIngress:
         arrived = time.perf_counter()
         self._authorize(request)
         req = parse_request(await request.body(), ChatCompletionRequest)
-        self._model(request, req.model)
+        self._check_model(request, req.model)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         self._check_max_tokens(req.token_budget, param)
         prompt = chat_prompt(req.messages)

@@ -15,7 +15,6 @@ log-probabilities also gets "logprobs": one entry per token of the step (see `to
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -198,16 +197,10 @@ class Engine:
 
     def complete(self, job: CompletionJob) -> dict:
         """Run one job to the end: {"text", "finish_reason", "prompt_tokens", "completion_tokens"} (and "logprobs")."""
-        prepared = self.prepare(job)
-        text, last, logprobs = [], None, []
-        for (delta,) in self.stream_batch([prepared]):
+        result = None
+        for (delta,) in self.stream_batch([self.prepare(job)]):
             if delta is not None:
-                text.append(delta["text"])
-                logprobs.extend(delta.get("logprobs", ()))
-                last = delta
-        result = {**last, "text": "".join(text)}
-        if job.logprobs is not None:
-            result["logprobs"] = logprobs
+                result = delta if result is None else join_deltas(result, delta)
         return result
 
     def info(self) -> dict:
@@ -237,8 +230,7 @@ class EngineBatch:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.running = RunningBatch(engine.model)
-        self.jobs: dict[int, PreparedJob] = {}
-        self._keys = itertools.count()
+        self.jobs: dict[int, PreparedJob] = {}  # id(job) -> job: the running batch's row keys
         self._finished: list[tuple[PreparedJob, dict]] = []  # jobs with nothing to generate, answered next step
         self.last_step_tokens = 0
         """Tokens the last `step()` generated."""
@@ -248,22 +240,17 @@ class EngineBatch:
 
     def add(self, jobs: list[PreparedJob]) -> None:
         """Prefill the jobs (one forward pass for all of them) into the running batch."""
-        items = []
-        for job in jobs:
-            key = next(self._keys)
-            self.jobs[key] = job
-            items.append((key, job.prompt_ids, job.params))
-        for step in self.running.add(items):
+        self.jobs.update((id(job), job) for job in jobs)
+        for step in self.running.add([(id(job), job.prompt_ids, job.params) for job in jobs]):
             job = self.jobs.pop(step.row)
             self._finished.append((job, self._delta(job, step)))
 
     def drop(self, jobs: list[PreparedJob]) -> None:
         """Stop decoding these jobs (their clients went away)."""
-        gone = {id(j) for j in jobs}
-        keys = [k for k, j in self.jobs.items() if id(j) in gone]
+        keys = [id(job) for job in jobs if id(job) in self.jobs]
         self.running.drop(keys)
-        for k in keys:
-            del self.jobs[k]
+        for key in keys:
+            del self.jobs[key]
 
     def step(self) -> list[tuple[PreparedJob, dict]]:
         out, self._finished = self._finished, []
