@@ -221,6 +221,16 @@ def test_streamed_logprobs_cover_every_token(client):
     assert tokens == full.choices[0].logprobs.tokens
 
 
+def test_streamed_chat_logprobs_cover_every_token(client):
+    kwargs = dict(model="tiny", messages=[{"role": "user", "content": "The slings"}], max_tokens=12, temperature=0, logprobs=True)
+    text = client.chat.completions.create(**kwargs).choices[0].message.content
+    kwargs["stop"] = [text[4:6]]  # the tokens of a stop string show no text: their log-probabilities still go out
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    tokens = [t.token for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    full = client.chat.completions.create(**kwargs)
+    assert tokens == [t.token for t in full.choices[0].logprobs.content]
+
+
 def test_health_and_readiness(served):
     base_url, _ = served
     assert httpx.get(f"{base_url}/health").json()["status"] == "ok"

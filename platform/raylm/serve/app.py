@@ -534,7 +534,10 @@ class OpenAIIngress:
                     pending = []
                     yield sse(chat_chunk(id, req.model, created, {"content": text}, None, logprobs))
                 if delta["finish_reason"]:
-                    yield sse(chat_chunk(id, req.model, created, {}, delta["finish_reason"]))
+                    # tokens whose text never showed (leading spaces, a cut stop string) keep their log-probabilities
+                    logprobs = chat_logprobs(pending) if req.logprobs_k is not None and pending else None
+                    pending = []
+                    yield sse(chat_chunk(id, req.model, created, {}, delta["finish_reason"], logprobs))
         except Exception as e:
             yield sse(_server_error(e).body())
         self._finished(req.model, first_token, last)
