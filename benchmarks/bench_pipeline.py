@@ -79,7 +79,7 @@ def two_node_cluster(cpus_per_node: int):
 
         from raylm.runtime import LOCAL_SYSTEM_CONFIG
 
-        local = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "_system_config": LOCAL_SYSTEM_CONFIG})
+        local = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "_system_config": dict(LOCAL_SYSTEM_CONFIG)})
         local.add_node(num_cpus=cpus_per_node)
         try:
             yield local.address, "ray.cluster_utils.Cluster (2 raylets, one host)"

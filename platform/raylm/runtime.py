@@ -9,15 +9,31 @@ import socket
 from raylm.errors import RaylmError
 
 
-LOCAL_SYSTEM_CONFIG = {"idle_worker_killing_time_threshold_ms": 300_000}
+LOCAL_SYSTEM_CONFIG = {
+    "idle_worker_killing_time_threshold_ms": 10_000,
+    "num_workers_soft_limit": 2,
+    "prestart_worker_first_driver": False,
+}
 """Ray settings for a local Ray this process starts (and for `ray start` clusters raylm starts itself;
 cluster/local/start_head.sh spells the same JSON out, being a shell script).
 
-Ray kills a pooled worker process after 1 s idle once the pool holds more than one per CPU. A
-stage runs many short Ray Data executions (the prepare stage about thirty), each of which then
-paid for fresh worker processes importing pyarrow and raylm: 63 processes and 164 s for a
-408-document prepare on 2 cores, against 14 processes and 42 s with idle workers kept 5 minutes.
+Every Ray worker process wakes 100 times a second, busy or idle (the core worker's 10 ms signal
+check), and costs about 0.7% of a core here. On a machine whose cores all run training threads,
+each idle process takes that from training: with Ray's defaults (one prestarted worker per logical
+CPU, as many kept idle forever) a 1-worker `raylm train` ran at 0.888 of a bare PyTorch loop; with
+these settings at 0.914-0.936 (benchmarks/bench_train.py, 2 cores).
+
+- No worker is prestarted when the driver connects; tasks and actors start the ones they need.
+- Idle workers beyond 2 (the two read tasks that feed a train worker, raylm.tokenize.ingest) are
+  killed after 10 s idle. Ray's default kills them after 1 s once more than one per CPU are idle:
+  the prepare stage runs many short Ray Data executions back to back, and paid for fresh worker
+  processes importing pyarrow and raylm in each (63 processes and 164 s for a 408-document prepare
+  on 2 cores, against 14 and 42 s when idle workers stay warm). 10 s covers the gaps between them.
 """
+
+LOCAL_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Environment defaults for a local Ray this process starts: a single machine has no node that can be
+preempted, so Ray Train's preemption watcher (one more actor polling every 5 s) is left out."""
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -40,8 +56,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             raise RaylmError(f"cannot connect to Ray cluster at {address}: {first}") from None
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
+    for key, value in LOCAL_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # the driver's env: Ray Train hands it to its controller
     # address="local": always a new local instance, never a stray `ray start` cluster found in /tmp/ray.
-    ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING, _system_config=LOCAL_SYSTEM_CONFIG)
+    # A copy: ray.init adds its object spilling settings (this session's directory) to the dict it is given.
+    ray.init(address="local", num_cpus=cpus, logging_level=logging.WARNING, _system_config=dict(LOCAL_SYSTEM_CONFIG))
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

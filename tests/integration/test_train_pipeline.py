@@ -151,7 +151,7 @@ def _two_node_child(tokens: str, root: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": LOCAL_SYSTEM_CONFIG})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": dict(LOCAL_SYSTEM_CONFIG)})
     try:
         cluster.add_node(num_cpus=2)
         ray.init(address=cluster.address, logging_level=logging.WARNING)
