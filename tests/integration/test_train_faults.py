@@ -50,6 +50,7 @@ def _expected_checksum(tokens, steps: int) -> int:
 def _checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps of the checkpoints Ray Train has registered for the run (persisted, resumable)."""
     from ray.train import Result
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
     for attempt in range(5):
         if not (run_dir / "checkpoint_manager_snapshot.json").exists():
@@ -57,7 +58,9 @@ def _checkpoint_steps(run_dir: Path) -> list[int]:
         try:
             result = Result.from_path(str(run_dir))
             return sorted(json.loads((Path(c.path) / "state.json").read_text())["step"] for c, _ in result.best_checkpoints)
-        except (ValueError, OSError):  # the controller rewrites the snapshot (and deletes old checkpoints) meanwhile
+        # The controller rewrites the snapshot (and deletes old checkpoints) meanwhile; Ray Train wraps a
+        # snapshot read half-written (an empty file) in CheckpointManagerInitializationError.
+        except (ValueError, OSError, CheckpointManagerInitializationError):
             time.sleep(0.05)
     raise RuntimeError(f"{run_dir}: checkpoint snapshot unreadable")
 
