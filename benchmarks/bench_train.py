@@ -11,9 +11,12 @@ settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache
    zero_stage 1, which a single data-parallel rank runs as ZeRO 0; fp32) against a bare PyTorch loop in this process: the same GPT, batch (micro-batch 16 x 128 tokens),
    seed, AdamW parameter groups, LR schedule, gradient clipping, torch thread count and data order (read
    from the token shards by numpy memmap). Steady state: the log windows after the first --skip-steps
-   steps (raylm reports tokens/s per window; the bare loop is timed the same way). The two run in turn for
-   --rounds rounds and each figure is the median over rounds, since this VM's speed drifts by 10-15% over
-   minutes (one run of each measured the drift as much as raylm). Then data-parallel
+   steps (raylm reports tokens/s per window; the bare loop is timed the same way). The bare loop runs
+   with Ray shut down, and each raylm run starts a fresh local Ray (raylm.runtime's settings), as
+   `raylm train` does. The two run in turn, bare first and last, --rounds raylm runs in all, since this
+   VM's speed drifts by 10-15% over minutes (one run of each measured the drift as much as raylm): each
+   raylm run is compared with the mean of the bare runs before and after it, and the ratio is the median
+   of these. Then data-parallel
    scaling: 1 worker with all --threads, 1 worker with 1 thread, 2 workers with 1 thread each (the
    machine has 2 cores: two workers split them, so "2 workers / 1 worker x 2 threads" compares data
    parallelism with intra-op threading on the same cores, and "2 workers / 1 worker x 1 thread" is the
@@ -130,44 +133,58 @@ def workers(num: int, threads: int, zero: int) -> list[str]:
 
 
 def overhead(runs: Runs, args, results: dict) -> None:
-    """The bare loop and raylm (1 worker, the default zero_stage 1, which one rank runs as ZeRO 0) in turn for
-    --rounds rounds: this VM's speed drifts by 10-15% over minutes, so one run of each, minutes apart, measures
-    the drift as much as raylm. Figures: the median over rounds."""
+    """The bare loop and raylm (1 worker, the default zero_stage 1, which one rank runs as ZeRO 0) in turn:
+    bare, raylm, bare, ..., raylm, bare for --rounds raylm runs. This VM's speed drifts by 10-15% over
+    minutes, so each raylm run is compared with the mean of the two bare runs around it (a linear drift
+    cancels); the ratio is the median of those per-round ratios."""
+    import ray
+
     from raylm.train.deepspeed_config import effective_zero_stage
 
     skip = args.skip_steps
     rows = []
+
+    def bare_run(preset_overrides: list[str], r: int) -> float:
+        # No Ray at all: Ray's own processes take CPU from training, and that is part of what raylm costs.
+        # raylm's next run then starts a fresh local Ray, as `raylm train` does.
+        ray.shutdown()
+        bare = runs.bare([*preset_overrides, *workers(1, args.threads, 1)], args.threads, repeat=r)
+        return steady_tokens_per_s(bare["history"], skip)
+
     for preset in args.presets.split(","):
         base = speed_overrides(preset, args)
-        tps: dict[str, list[float]] = {"bare": [], "raylm": []}
+        tps: dict[str, list[float]] = {"bare": [bare_run(base, 0)], "raylm": []}
         entry = {"preset": preset, "rounds": args.rounds}
         for r in range(args.rounds):
-            bare = runs.bare([*base, *workers(1, args.threads, 1)], args.threads, repeat=r)
-            tps["bare"].append(steady_tokens_per_s(bare["history"], skip))
             run = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)], repeat=r)
             tps["raylm"].append(steady_tokens_per_s(run["history"], skip))
+            tps["bare"].append(bare_run(base, r + 1))
             entry.update(num_params=run["summary"]["num_params"], fit_seconds=run["summary"]["seconds"])
         cfg = runs.config([*base, *workers(1, args.threads, 1)]).train
         bare_tps, raylm_tps = statistics.median(tps["bare"]), statistics.median(tps["raylm"])
+        around = [(a + b) / 2 for a, b in zip(tps["bare"], tps["bare"][1:])]  # the bare runs before and after each raylm run
+        round_ratios = [t / b for t, b in zip(tps["raylm"], around)]
         entry.update(
             zero_stage=cfg.zero_stage, effective_zero_stage=effective_zero_stage(cfg, 1),
-            bare_tokens_per_s=bare_tps, raylm_tokens_per_s=raylm_tps, ratio=raylm_tps / bare_tps,
-            bare_rounds=tps["bare"], raylm_rounds=tps["raylm"], round_ratios=[a / b for a, b in zip(tps["raylm"], tps["bare"])],
+            bare_tokens_per_s=bare_tps, raylm_tokens_per_s=raylm_tps, ratio=statistics.median(round_ratios),
+            bare_runs=tps["bare"], bare_around=around, raylm_rounds=tps["raylm"], round_ratios=round_ratios,
         )  # fmt: skip
         rows.append(entry)
     results["overhead"] = rows
     micro = runs.config([]).train.micro_batch_size
     print(f"\n== overhead: raylm (1 Ray Train worker, DeepSpeed, fp32) vs a bare PyTorch loop; micro-batch {micro} x "
           f"128 tokens, {args.steps} steps, steady state after step {skip}, {args.threads} torch threads, "
-          f"median of {args.rounds} interleaved rounds ==")  # fmt: skip
+          f"{args.rounds} raylm runs between {args.rounds + 1} bare runs ==")  # fmt: skip
     print(f"{'preset':>7} {'params':>10} {'ZeRO':>11} {'bare tok/s':>11} {'raylm tok/s':>12} {'ratio':>6} {'fit s':>6}")
     for r in rows:
         zero = f"{r['zero_stage']} -> {r['effective_zero_stage']}"
         print(f"{r['preset']:>7} {r['num_params']:>10,} {zero:>11} {r['bare_tokens_per_s']:>11,.0f} "
               f"{r['raylm_tokens_per_s']:>12,.0f} {r['ratio']:>6.3f} {r['fit_seconds']:>6.0f}")  # fmt: skip
-        for i, (b, t) in enumerate(zip(r["bare_rounds"], r["raylm_rounds"])):
-            print(f"{'':>7} round {i + 1}: bare {b:,.0f}, raylm {t:,.0f} ({r['round_ratios'][i]:.3f})")
-    print("target: ratio >= 0.9 (ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "
+        for i, t in enumerate(r["raylm_rounds"]):
+            print(f"{'':>7} round {i + 1}: raylm {t:,.0f}, bare before / after {r['bare_runs'][i]:,.0f} / "
+                  f"{r['bare_runs'][i + 1]:,.0f} ({r['round_ratios'][i]:.3f})")  # fmt: skip
+    print("target: ratio >= 0.9 (ratio: the median over rounds of raylm / the mean of the bare runs before and after it; tok/s: medians; "
+          "ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "
           "fit s: the last round's whole Ray Train fit, start-up, export and checkpoint included)")
 
     if args.skip_scaling:
@@ -299,7 +316,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10, help="steps per log window (a tokens/s and loss figure)")
     parser.add_argument("--skip-steps", type=int, default=None, help="steps left out of the steady state (default: 10%%, at least one window)")
     parser.add_argument("--skip-scaling", action="store_true", help="the overhead section without its data-parallel scaling runs")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the overhead section (median)")
+    parser.add_argument("--rounds", type=int, default=4, help="raylm runs of the overhead section, each between two bare runs (median of their ratios)")
     parser.add_argument("--presets", default="demo", help="model presets of the overhead section (the first also for scaling and curves)")
     parser.add_argument("--threads", type=int, default=CORES, help="torch threads of the single-worker runs and the bare loop")
     parser.add_argument("--memory-preset", default="125m")

@@ -19,9 +19,9 @@ cluster/local/start_head.sh spells the same JSON out, being a shell script).
 
 Every Ray worker process wakes 100 times a second, busy or idle (the core worker's 10 ms signal
 check), and costs about 0.7% of a core here. On a machine whose cores all run training threads,
-each idle process takes that from training: with Ray's defaults (one prestarted worker per logical
-CPU, as many kept idle forever) a 1-worker `raylm train` ran at 0.888 of a bare PyTorch loop; with
-these settings at 0.914-0.936 (benchmarks/bench_train.py, 2 cores).
+each idle process takes that from training. Measured on 2 cores (a 1-worker `raylm train` against a
+bare PyTorch loop, alternating runs): 0.846 / 0.889 / 0.888 with Ray's defaults (one worker prestarted
+per logical CPU, as many kept idle forever), 0.936 / 0.905 / 0.978 with these settings.
 
 - No worker is prestarted when the driver connects; tasks and actors start the ones they need.
 - Idle workers beyond 2 (the two read tasks that feed a train worker, raylm.tokenize.ingest) are
