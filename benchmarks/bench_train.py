@@ -1,6 +1,6 @@
 """Train stage: overhead against a bare PyTorch loop, memory per ZeRO stage, and learning.
 
-    python benchmarks/bench_train.py                          # every section, full size (~25 min on 2 quiet cores)
+    python benchmarks/bench_train.py                          # every section, full size (~35 min on 2 quiet cores)
     python benchmarks/bench_train.py --steps 30 --iters 100   # a quick check that every section runs end to end
     python benchmarks/bench_train.py --sections overhead --presets demo,10m
 
