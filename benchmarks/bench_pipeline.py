@@ -77,9 +77,9 @@ def two_node_cluster(cpus_per_node: int):
               " using ray.cluster_utils.Cluster (two raylets on one host)", flush=True)  # fmt: skip
         from ray.cluster_utils import Cluster
 
-        from raylm.runtime import LOCAL_SYSTEM_CONFIG
+        from raylm.runtime import local_system_config
 
-        local = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "_system_config": dict(LOCAL_SYSTEM_CONFIG)})
+        local = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus_per_node, "_system_config": local_system_config()})
         local.add_node(num_cpus=cpus_per_node)
         try:
             yield local.address, "ray.cluster_utils.Cluster (2 raylets, one host)"

@@ -8,5 +8,5 @@ DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 NUM_CPUS=${NUM_CPUS:-$(( $(nproc) < 4 ? 4 : $(nproc) ))}
 ray start --head --port="$PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --num-cpus="$NUM_CPUS" \
   --system-config='{"idle_worker_killing_time_threshold_ms": 10000, "num_workers_soft_limit": 2, "prestart_worker_first_driver": false}'
-# = raylm.runtime.LOCAL_SYSTEM_CONFIG: no idle workers kept beyond 2 (each costs ~0.7% of a core), the rest warm for 10 s
+# = raylm.runtime.local_system_config(): no idle workers kept beyond 2 (each costs ~0.7% of a core), the rest warm for 10 s
 echo "Jobs API and dashboard: http://127.0.0.1:$DASHBOARD_PORT   (export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT)"

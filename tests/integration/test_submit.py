@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from raylm.runtime import LOCAL_SYSTEM_CONFIG
+from raylm.runtime import local_system_config
 
 
 def free_port() -> int:
@@ -40,7 +40,7 @@ def ray_head():
          # Fixed default ports would collide with the session's other local Ray (its job agent on 52365).
          f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-         f"--ray-client-server-port={free_port()}", f"--system-config={json.dumps(LOCAL_SYSTEM_CONFIG)}"],
+         f"--ray-client-server-port={free_port()}", f"--system-config={json.dumps(local_system_config())}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )
     address = f"http://127.0.0.1:{dash}"

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from raylm.config import load_config
 from raylm.errors import ConfigError
 from raylm.model.artifact import load_model
-from raylm.runtime import LOCAL_SYSTEM_CONFIG
+from raylm.runtime import local_system_config
 from raylm.tokenize.ingest import SequenceOrder, sample_checksum
 from raylm.tokenize.shards import TokenMeta
 from raylm.train.pipeline import state_dict_from_checkpoint
@@ -151,7 +151,7 @@ def _two_node_child(tokens: str, root: str) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": dict(LOCAL_SYSTEM_CONFIG)})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": local_system_config()})
     try:
         cluster.add_node(num_cpus=2)
         ray.init(address=cluster.address, logging_level=logging.WARNING)

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raylm.errors import RaylmError
-from raylm.runtime import LOCAL_SYSTEM_CONFIG
+from raylm.runtime import local_system_config
 
 log = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def _start_head(state: ClusterState, cpus: int, object_store_mb: int) -> None:
         f"--ray-client-server-port={agents[4]}",
         f"--num-cpus={cpus}", f"--object-store-memory={object_store_mb * 2**20}",
         f"--temp-dir={state.temp_root}/head", f"--labels={WORKER_LABEL}=head",
-        "--disable-usage-stats", f"--system-config={json.dumps(LOCAL_SYSTEM_CONFIG)}",
+        "--disable-usage-stats", f"--system-config={json.dumps(local_system_config())}",
     ]
     _ray_start(state, args, _node_env(state, "head", state.bridge), "head", netns=None)
 

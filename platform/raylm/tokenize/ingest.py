@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from raylm.errors import InputError
+from raylm.runtime import IDLE_WORKERS_KEPT
 from raylm.tokenize.shards import TokenSplit, read_token_meta
 
 INDEX_COLUMN, TOKENS_COLUMN, MASK_COLUMN = "index", "tokens", "loss_mask"
@@ -137,7 +138,7 @@ class TokenStream:
         *,
         prefetch_batches: int = 4,
         batches_per_task: int = 16,
-        read_tasks: int = 2,
+        read_tasks: int = IDLE_WORKERS_KEPT,
         loss_mask: bool = False,
     ):
         self.path, self.split, self.order, self.dp_rank = str(path), split, order, dp_rank
