@@ -1,6 +1,6 @@
 """Train stage: overhead against a bare PyTorch loop, memory per ZeRO stage, and learning.
 
-    python benchmarks/bench_train.py                          # every section, full size (~35 min on 2 quiet cores)
+    python benchmarks/bench_train.py                          # every section, full size (~60 min on 2 quiet cores)
     python benchmarks/bench_train.py --steps 30 --iters 100   # a quick check that every section runs end to end
     python benchmarks/bench_train.py --sections overhead --presets demo,10m
 
@@ -16,7 +16,9 @@ settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache
    `raylm train` does. The two run in turn, bare first and last, --rounds raylm runs in all, since this
    VM's speed drifts by 10-15% over minutes (one run of each measured the drift as much as raylm): each
    raylm run is compared with the mean of the bare runs before and after it, and the ratio is the median
-   of these. Then data-parallel
+   of these. Two rows: --threads torch threads in both loops (all cores: Ray's own processes, ~15% of a
+   core between them, take from training), and one thread fewer (--spare-core: a core left to them, so
+   the ratio is what raylm's loop, Ray Train and DeepSpeed cost). Then data-parallel
    scaling: 1 worker with all --threads, 1 worker with 1 thread, 2 workers with 1 thread each (the
    machine has 2 cores: two workers split them, so "2 workers / 1 worker x 2 threads" compares data
    parallelism with intra-op threading on the same cores, and "2 workers / 1 worker x 1 thread" is the
@@ -132,6 +134,11 @@ def workers(num: int, threads: int, zero: int) -> list[str]:
             f"train.zero_stage={zero}"]  # fmt: skip
 
 
+def overhead_threads(args) -> list[int]:
+    """Torch threads of the overhead rows: --threads, and with --spare-core one fewer (a core left for Ray's own processes)."""
+    return [args.threads, args.threads - 1] if args.spare_core and args.threads > 1 else [args.threads]
+
+
 def overhead(runs: Runs, args, results: dict) -> None:
     """The bare loop and raylm (1 worker, the default zero_stage 1, which one rank runs as ZeRO 0) in turn:
     bare, raylm, bare, ..., raylm, bare for --rounds raylm runs. This VM's speed drifts by 10-15% over
@@ -144,46 +151,49 @@ def overhead(runs: Runs, args, results: dict) -> None:
     skip = args.skip_steps
     rows = []
 
-    def bare_run(preset_overrides: list[str], r: int) -> float:
+    def bare_run(preset_overrides: list[str], one: list[str], threads: int, r: int) -> float:
         # No Ray at all: Ray's own processes take CPU from training, and that is part of what raylm costs.
         # raylm's next run then starts a fresh local Ray, as `raylm train` does.
         ray.shutdown()
-        bare = runs.bare([*preset_overrides, *workers(1, args.threads, 1)], args.threads, repeat=r)
+        bare = runs.bare([*preset_overrides, *one], threads, repeat=r)
         return steady_tokens_per_s(bare["history"], skip)
 
     for preset in args.presets.split(","):
         base = speed_overrides(preset, args)
-        tps: dict[str, list[float]] = {"bare": [bare_run(base, 0)], "raylm": []}
-        entry = {"preset": preset, "rounds": args.rounds}
-        for r in range(args.rounds):
-            run = runs.raylm(f"overhead-{preset}-z1", [*base, *workers(1, args.threads, 1)], repeat=r)
-            tps["raylm"].append(steady_tokens_per_s(run["history"], skip))
-            tps["bare"].append(bare_run(base, r + 1))
-            entry.update(num_params=run["summary"]["num_params"], fit_seconds=run["summary"]["seconds"])
-        cfg = runs.config([*base, *workers(1, args.threads, 1)]).train
-        bare_tps, raylm_tps = statistics.median(tps["bare"]), statistics.median(tps["raylm"])
-        around = [(a + b) / 2 for a, b in zip(tps["bare"], tps["bare"][1:])]  # the bare runs before and after each raylm run
-        round_ratios = [t / b for t, b in zip(tps["raylm"], around)]
-        entry.update(
-            zero_stage=cfg.zero_stage, effective_zero_stage=effective_zero_stage(cfg, 1),
-            bare_tokens_per_s=bare_tps, raylm_tokens_per_s=raylm_tps, ratio=statistics.median(round_ratios),
-            bare_runs=tps["bare"], bare_around=around, raylm_rounds=tps["raylm"], round_ratios=round_ratios,
-        )  # fmt: skip
-        rows.append(entry)
+        for threads in overhead_threads(args):
+            one = workers(1, threads, 1)
+            tps: dict[str, list[float]] = {"bare": [bare_run(base, one, threads, 0)], "raylm": []}
+            entry = {"preset": preset, "threads": threads, "rounds": args.rounds}
+            for r in range(args.rounds):
+                run = runs.raylm(f"overhead-{preset}-z1", [*base, *one], repeat=r)
+                tps["raylm"].append(steady_tokens_per_s(run["history"], skip))
+                tps["bare"].append(bare_run(base, one, threads, r + 1))
+                entry.update(num_params=run["summary"]["num_params"], fit_seconds=run["summary"]["seconds"])
+            cfg = runs.config([*base, *one]).train
+            around = [(a + b) / 2 for a, b in zip(tps["bare"], tps["bare"][1:])]  # the bare runs before and after each raylm run
+            round_ratios = [t / b for t, b in zip(tps["raylm"], around)]
+            entry.update(
+                zero_stage=cfg.zero_stage, effective_zero_stage=effective_zero_stage(cfg, 1),
+                bare_tokens_per_s=statistics.median(tps["bare"]), raylm_tokens_per_s=statistics.median(tps["raylm"]),
+                ratio=statistics.median(round_ratios),
+                bare_runs=tps["bare"], bare_around=around, raylm_rounds=tps["raylm"], round_ratios=round_ratios,
+            )  # fmt: skip
+            rows.append(entry)
     results["overhead"] = rows
     micro = runs.config([]).train.micro_batch_size
     print(f"\n== overhead: raylm (1 Ray Train worker, DeepSpeed, fp32) vs a bare PyTorch loop; micro-batch {micro} x "
-          f"128 tokens, {args.steps} steps, steady state after step {skip}, {args.threads} torch threads, "
+          f"128 tokens, {args.steps} steps, steady state after step {skip}, {CORES} cores, "
           f"{args.rounds} raylm runs between {args.rounds + 1} bare runs ==")  # fmt: skip
-    print(f"{'preset':>7} {'params':>10} {'ZeRO':>11} {'bare tok/s':>11} {'raylm tok/s':>12} {'ratio':>6} {'fit s':>6}")
+    print(f"{'preset':>7} {'params':>10} {'threads':>7} {'ZeRO':>11} {'bare tok/s':>11} {'raylm tok/s':>12} {'ratio':>6} {'fit s':>6}")
     for r in rows:
         zero = f"{r['zero_stage']} -> {r['effective_zero_stage']}"
-        print(f"{r['preset']:>7} {r['num_params']:>10,} {zero:>11} {r['bare_tokens_per_s']:>11,.0f} "
+        print(f"{r['preset']:>7} {r['num_params']:>10,} {r['threads']:>7} {zero:>11} {r['bare_tokens_per_s']:>11,.0f} "
               f"{r['raylm_tokens_per_s']:>12,.0f} {r['ratio']:>6.3f} {r['fit_seconds']:>6.0f}")  # fmt: skip
         for i, t in enumerate(r["raylm_rounds"]):
             print(f"{'':>7} round {i + 1}: raylm {t:,.0f}, bare before / after {r['bare_runs'][i]:,.0f} / "
                   f"{r['bare_runs'][i + 1]:,.0f} ({r['round_ratios'][i]:.3f})")  # fmt: skip
     print("target: ratio >= 0.9 (ratio: the median over rounds of raylm / the mean of the bare runs before and after it; tok/s: medians; "
+          "threads: torch threads of both loops (with --spare-core, a row with one fewer leaves a core to Ray's own processes); "
           "ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "
           "fit s: the last round's whole Ray Train fit, start-up, export and checkpoint included)")
 
@@ -319,6 +329,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="raylm runs of the overhead section, each between two bare runs (median of their ratios)")
     parser.add_argument("--presets", default="demo", help="model presets of the overhead section (the first also for scaling and curves)")
     parser.add_argument("--threads", type=int, default=CORES, help="torch threads of the single-worker runs and the bare loop")
+    parser.add_argument("--spare-core", action=argparse.BooleanOptionalAction, default=True,
+                        help="also an overhead row at --threads - 1 in both loops, leaving a core to Ray's own processes")
     parser.add_argument("--memory-preset", default="125m")
     parser.add_argument("--memory-layers", type=int, default=6, help="n_layer override of the memory model (0: the preset's)")
     parser.add_argument("--memory-steps", type=int, default=4)
