@@ -13,4 +13,3 @@ def test_start_head_script_uses_the_same_system_config(repo_root):
     found = re.search(r"--system-config='(\{.*?\})'", script)
     assert found, "cluster/local/start_head.sh passes no --system-config"
     assert json.loads(found.group(1)) == local_system_config()
-
