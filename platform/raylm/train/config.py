@@ -112,6 +112,11 @@ class TrainConfig(ConfigSection):
     """CPUs each worker reserves from Ray."""
     torch_threads: int | None = Field(None, ge=1)
     """Intra-op threads per CPU worker; unset: cpus_per_worker rounded down (at least 1), so workers do not oversubscribe cores."""
+    keep_freed_memory: bool = True
+    """CPU workers: glibc's malloc keeps the memory a step frees for the next step instead of handing it back to the
+    OS (raylm.train.trainer.KEEP_FREED_MEMORY_ENV). Each step frees and allocates the same large tensors again, and
+    memory handed back returns as fresh zeroed pages, one page fault each. Peak resident memory grows by what
+    fragmentation holds (about half on the demo model); false: glibc's defaults."""
     use_gpu: bool = False
     """One GPU per worker, NCCL; otherwise CPU workers with gloo (and DS_ACCELERATOR=cpu)."""
     zero_stage: Literal[0, 1, 2, 3] = 1
