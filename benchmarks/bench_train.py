@@ -8,7 +8,9 @@ Token data: the bundled corpus through raylm's own prepare and tokenize stages a
 settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache/ (train_common.py).
 
 1. overhead: steady-state tokens/s of `raylm train` with 1 Ray Train worker (DeepSpeed, the default
-   zero_stage 1, which a single data-parallel rank runs as ZeRO 0; fp32) against a bare PyTorch loop in this process: the same GPT, batch (micro-batch 16 x 128 tokens),
+   zero_stage 1, which a single data-parallel rank runs as ZeRO 0; fp32) against a bare PyTorch loop in a
+   process of its own, started with the environment raylm gives its CPU workers (the malloc settings of
+   train.keep_freed_memory, which speed up both loops): the same GPT, batch (micro-batch 16 x 128 tokens),
    seed, AdamW parameter groups, LR schedule, gradient clipping, torch thread count and data order (read
    from the token shards by numpy memmap). Steady state: the log windows after the first --skip-steps
    steps (raylm reports tokens/s per window; the bare loop is timed the same way). The bare loop runs
@@ -63,7 +65,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepsp
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from train_common import (  # noqa: E402
-    CACHE, DEMO_CONFIG, RESULTS, bare_train, compare_curves, demo_tokens, plot_overlay, sample_steps,
+    CACHE, DEMO_CONFIG, RESULTS, bare_train_process, compare_curves, demo_tokens, plot_overlay, sample_steps,
     shakespeare_char_tokens, steady_tokens_per_s,
 )  # fmt: skip
 
@@ -109,13 +111,14 @@ class Runs:
         self._done[key] = run
         return run
 
-    def bare(self, overrides: list[str], threads: int, repeat: int = 0) -> dict:
-        """train_common.bare_train on the config, in this process with `threads` torch threads; run once per config
-        (and `repeat`)."""
+    def bare(self, overrides: list[str], threads: int, repeat: int = 0, config: Path | None = DEMO_CONFIG,
+             workdir: Path = CACHE / "demo") -> dict:
+        """train_common.bare_train on the config with `threads` torch threads, in a new process with the environment
+        of raylm's workers; run once per config (and `repeat`)."""
         key = (tuple(overrides), threads, repeat)
         if key not in self._bare:
-            cfg = self.config(overrides)
-            self._bare[key] = bare_train(cfg.train, cfg.run.seed, threads)
+            every = [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides]
+            self._bare[key] = bare_train_process(config, every, threads)
         return self._bare[key]
 
 

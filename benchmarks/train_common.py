@@ -10,9 +10,9 @@ Token data (cached under benchmarks/results/cache/, so a second run skips straig
   character vocabulary: a `tokenizers` BPE model whose vocabulary is the text's distinct
   characters and which has no merges, so every character is one token (plus <|endoftext|>).
 
-The bare loop is what raylm's worker loop does without Ray or DeepSpeed, in this process: the
-same GPT (same seed, so the same initial weights), raylm.train.loop.build_optimizer (AdamW, the
-same parameter groups) and lr_factor (the same schedule), gradient clipping by
+The bare loop is what raylm's worker loop does without Ray or DeepSpeed, in a process of its own
+started with the environment raylm gives its CPU workers (their malloc settings): the same GPT
+(same seed, so the same initial weights), raylm.train.loop.build_optimizer (AdamW, the same parameter groups) and lr_factor (the same schedule), gradient clipping by
 `torch.nn.utils.clip_grad_norm_`, and the same micro-batches in the same order, gathered from the
 memory-mapped token shards with the SequenceOrder that raylm's data stream uses.
 """
@@ -20,7 +20,12 @@ memory-mapped token shards with the SequenceOrder that raylm's data stream uses.
 from __future__ import annotations
 
 import functools
+import json
+import os
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -203,6 +208,21 @@ def bare_train(train_cfg, seed: int, threads: int) -> dict:
     return {"history": history, "val_loss": validation_loss(model, train_cfg, meta), "seconds": seconds}
 
 
+def bare_train_process(config: Path | None, overrides: list[str], threads: int) -> dict:
+    """bare_train on load_config(config, overrides) in a new Python process, whose environment adds what raylm's
+    training workers get (raylm.train.trainer.worker_runtime_env: malloc settings only act from process start)."""
+    from raylm.config import load_config
+    from raylm.train.trainer import worker_runtime_env
+
+    cfg = load_config(config, overrides)
+    env = {**os.environ, **worker_runtime_env(cfg.train).get("env_vars", {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bare.json"
+        job = json.dumps({"config": str(config) if config else None, "overrides": overrides, "threads": threads})
+        subprocess.run([sys.executable, __file__, job, str(out)], env=env, check=True)
+        return json.loads(out.read_text())
+
+
 def validation_loss(model, train_cfg, meta) -> float:
     """Mean next-token cross-entropy over the validation micro-batches raylm's loop evaluates on one worker."""
     import torch
@@ -303,3 +323,11 @@ def plot_overlay(curves: dict[str, list[dict]], path: Path, title: str) -> Path:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+if __name__ == "__main__":  # bare_train_process's child: python train_common.py JOB_JSON OUT_JSON
+    from raylm.config import load_config
+
+    job = json.loads(sys.argv[1])
+    cfg = load_config(job["config"], job["overrides"])
+    Path(sys.argv[2]).write_text(json.dumps(bare_train(cfg.train, cfg.run.seed, job["threads"])))
