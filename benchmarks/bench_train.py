@@ -85,7 +85,11 @@ class Runs:
     def config(self, overrides: list[str], config: Path | None = DEMO_CONFIG, workdir: Path = CACHE / "demo"):
         from raylm.config import load_config
 
-        return load_config(config, [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides])
+        return load_config(config, self.overrides(overrides, workdir))
+
+    def overrides(self, overrides: list[str], workdir: Path = CACHE / "demo") -> list[str]:
+        """`overrides` after the benchmark's own: the token data's workdir and the seed."""
+        return [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides]
 
     def raylm(self, name: str, overrides: list[str], keep: tuple[str, ...] = (), repeat: int = 0, **where) -> dict:
         """run_train on the config; returns {summary, final, history, seconds}; the output is deleted (but `keep` files).
@@ -111,14 +115,12 @@ class Runs:
         self._done[key] = run
         return run
 
-    def bare(self, overrides: list[str], threads: int, repeat: int = 0, config: Path | None = DEMO_CONFIG,
-             workdir: Path = CACHE / "demo") -> dict:
+    def bare(self, overrides: list[str], threads: int, repeat: int = 0) -> dict:
         """train_common.bare_train on the config with `threads` torch threads, in a new process with the environment
         of raylm's workers; run once per config (and `repeat`)."""
         key = (tuple(overrides), threads, repeat)
         if key not in self._bare:
-            every = [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides]
-            self._bare[key] = bare_train_process(config, every, threads)
+            self._bare[key] = bare_train_process(DEMO_CONFIG, self.overrides(overrides), threads)
         return self._bare[key]
 
 

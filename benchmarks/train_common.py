@@ -12,7 +12,8 @@ Token data (cached under benchmarks/results/cache/, so a second run skips straig
 
 The bare loop is what raylm's worker loop does without Ray or DeepSpeed, in a process of its own
 started with the environment raylm gives its CPU workers (their malloc settings): the same GPT
-(same seed, so the same initial weights), raylm.train.loop.build_optimizer (AdamW, the same parameter groups) and lr_factor (the same schedule), gradient clipping by
+(same seed, so the same initial weights), raylm.train.loop.build_optimizer (AdamW, the same
+parameter groups) and lr_factor (the same schedule), gradient clipping by
 `torch.nn.utils.clip_grad_norm_`, and the same micro-batches in the same order, gathered from the
 memory-mapped token shards with the SequenceOrder that raylm's data stream uses.
 """
