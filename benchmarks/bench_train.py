@@ -20,7 +20,10 @@ settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache
    raylm run is compared with the mean of the bare runs before and after it, and the ratio is the median
    of these. Two rows: --threads torch threads in both loops (all cores: Ray's own processes, ~15% of a
    core between them, take from training), and one thread fewer (--spare-core: a core left to them, so
-   the ratio is what raylm's loop, Ray Train and DeepSpeed cost). Then data-parallel
+   the ratio is what raylm's loop, Ray Train and DeepSpeed cost). Each run's CPU use is sampled from
+   /proc during its training steps (train_common.CpuSampler): the cores the training process used and
+   those all other processes used, so that each ratio splits into (cores of raylm's worker / cores of
+   the bare loop) x (tokens per CPU-second of the worker / of the bare loop). Then data-parallel
    scaling: 1 worker with all --threads, 1 worker with 1 thread, 2 workers with 1 thread each (the
    machine has 2 cores: two workers split them, so "2 workers / 1 worker x 2 threads" compares data
    parallelism with intra-op threading on the same cores, and "2 workers / 1 worker x 1 thread" is the
@@ -65,7 +68,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepsp
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from train_common import (  # noqa: E402
-    CACHE, DEMO_CONFIG, RESULTS, bare_train_process, compare_curves, demo_tokens, plot_overlay, sample_steps,
+    CACHE, DEMO_CONFIG, RESULTS, CpuSampler, bare_train_process, compare_curves, demo_tokens, plot_overlay, sample_steps,
     shakespeare_char_tokens, steady_tokens_per_s,
 )  # fmt: skip
 
@@ -144,6 +147,29 @@ def overhead_threads(args) -> list[int]:
     return [args.threads, args.threads - 1] if args.spare_core and args.threads > 1 else [args.threads]
 
 
+def cpu_split(cores: dict[str, list[dict | None]], round_ratios: list[float]) -> dict:
+    """The overhead ratio of each round as (cores of raylm's worker / the bare loop's, the mean of the bare runs
+    around it) x (tokens per CPU-second of the worker / the bare loop's); medians over the rounds (None: unmeasured)."""
+    core_ratios, per_core = [], []
+    for i, ratio in enumerate(round_ratios):
+        raylm, before, after = cores["raylm"][i], cores["bare"][i], cores["bare"][i + 1]
+        if raylm and before and after:
+            core_ratios.append(raylm["trainer_cores"] / ((before["trainer_cores"] + after["trainer_cores"]) / 2))
+            per_core.append(ratio / core_ratios[-1])
+    return {
+        "cores_ratio": statistics.median(core_ratios) if core_ratios else None,
+        "per_core_ratio": statistics.median(per_core) if per_core else None,
+    }
+
+
+def cores_text(cores: dict[str, list[dict | None]], i: int) -> str:
+    """Round i's CPU use: raylm's worker and all other processes, then the bare run before it."""
+    def pair(c: dict | None) -> str:
+        return f"{c['trainer_cores']:.2f} + others {c['other_cores']:.2f}" if c else "n/a"
+
+    return f"raylm worker {pair(cores['raylm'][i])}, bare {pair(cores['bare'][i])}"
+
+
 def overhead(runs: Runs, args, results: dict) -> None:
     """The bare loop and raylm (1 worker, the default zero_stage 1, which one rank runs as ZeRO 0) in turn:
     bare, raylm, bare, ..., raylm, bare for --rounds raylm runs. This VM's speed drifts by 10-15% over
@@ -160,17 +186,22 @@ def overhead(runs: Runs, args, results: dict) -> None:
         # No Ray at all: Ray's own processes take CPU from training, and that is part of what raylm costs.
         # raylm's next run then starts a fresh local Ray, as `raylm train` does.
         ray.shutdown()
-        bare = runs.bare([*preset_overrides, *one], threads, repeat=r)
+        with CpuSampler(threads) as cpu:
+            bare = runs.bare([*preset_overrides, *one], threads, repeat=r)
+        cores["bare"].append(cpu.result())
         return steady_tokens_per_s(bare["history"], skip)
 
     for preset in args.presets.split(","):
         base = speed_overrides(preset, args)
         for threads in overhead_threads(args):
             one = workers(1, threads, 1)
+            cores: dict[str, list[dict | None]] = {"bare": [], "raylm": []}  # CpuSampler results, run by run
             tps: dict[str, list[float]] = {"bare": [bare_run(base, one, threads, 0)], "raylm": []}
             entry = {"preset": preset, "threads": threads, "rounds": args.rounds}
             for r in range(args.rounds):
-                run = runs.raylm(f"overhead-{preset}-z1", [*base, *one], repeat=r)
+                with CpuSampler(threads) as cpu:
+                    run = runs.raylm(f"overhead-{preset}-z1", [*base, *one], repeat=r)
+                cores["raylm"].append(cpu.result())
                 tps["raylm"].append(steady_tokens_per_s(run["history"], skip))
                 tps["bare"].append(bare_run(base, one, threads, r + 1))
                 entry.update(num_params=run["summary"]["num_params"], fit_seconds=run["summary"]["seconds"])
@@ -182,6 +213,7 @@ def overhead(runs: Runs, args, results: dict) -> None:
                 bare_tokens_per_s=statistics.median(tps["bare"]), raylm_tokens_per_s=statistics.median(tps["raylm"]),
                 ratio=statistics.median(round_ratios),
                 bare_runs=tps["bare"], bare_around=around, raylm_rounds=tps["raylm"], round_ratios=round_ratios,
+                cpu=cores, **cpu_split(cores, round_ratios),
             )  # fmt: skip
             rows.append(entry)
     results["overhead"] = rows
@@ -196,7 +228,10 @@ def overhead(runs: Runs, args, results: dict) -> None:
               f"{r['raylm_tokens_per_s']:>12,.0f} {r['ratio']:>6.3f} {r['fit_seconds']:>6.0f}")  # fmt: skip
         for i, t in enumerate(r["raylm_rounds"]):
             print(f"{'':>7} round {i + 1}: raylm {t:,.0f}, bare before / after {r['bare_runs'][i]:,.0f} / "
-                  f"{r['bare_runs'][i + 1]:,.0f} ({r['round_ratios'][i]:.3f})")  # fmt: skip
+                  f"{r['bare_runs'][i + 1]:,.0f} ({r['round_ratios'][i]:.3f}); cores: {cores_text(r['cpu'], i)}")  # fmt: skip
+        if r["cores_ratio"] is not None:
+            print(f"{'':>7} ratio {r['ratio']:.3f} = cores {r['cores_ratio']:.3f} (raylm's worker's cores / the bare loop's) "
+                  f"x tokens per CPU-second {r['per_core_ratio']:.3f} (raylm's worker / the bare loop); medians over rounds")  # fmt: skip
     print("target: ratio >= 0.9 (ratio: the median over rounds of raylm / the mean of the bare runs before and after it; tok/s: medians; "
           "threads: torch threads of both loops (with --spare-core, a row with one fewer leaves a core to Ray's own processes); "
           "ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "

@@ -224,6 +224,86 @@ def bare_train_process(config: Path | None, overrides: list[str], threads: int) 
         return json.loads(out.read_text())
 
 
+TRAINER_MARKS = ("RayTrainWorker", "train_common.py")
+"""Command-line marks of a training process: a Ray Train worker (`ray::RayTrainWorker...`) or the bare loop's."""
+
+
+def _process_ticks() -> tuple[int, int]:
+    """CPU clock ticks (user + system, all threads) used so far by training processes and by every other process."""
+    trainer = other = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:  # it ended while we looked
+            continue
+        ticks = int(fields[11]) + int(fields[12])  # utime, stime
+        if any(mark in cmdline for mark in TRAINER_MARKS):
+            trainer += ticks
+        else:
+            other += ticks
+    return trainer, other
+
+
+class CpuSampler:
+    """Where the machine's CPU goes while a training run trains: the training process against all the others.
+
+        with CpuSampler(threads=2) as cpu:
+            run()
+        cpu.result()   # {"trainer_cores": 1.81, "other_cores": 0.17, "seconds": 52.0}
+
+    Samples every `interval` s (a thread reading /proc); the intervals that count are those in which
+    the training processes used at least 3/4 of their `threads` cores (the training steps), less the
+    first `skip` of them. Cores: CPU seconds per wall second. A process that starts and ends between
+    two samples is missed (short Ray tasks are, in part).
+    """
+
+    def __init__(self, threads: int, interval: float = 1.0, skip: int = 5):
+        import threading
+
+        self.threads, self.interval, self.skip = threads, interval, skip
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.perf_counter(), *_process_ticks()))
+            if self._stop.wait(self.interval):
+                self.samples.append((time.perf_counter(), *_process_ticks()))
+                return
+
+    def __enter__(self) -> "CpuSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict | None:
+        """Mean cores of the training processes and of the others over the counted intervals; None without any."""
+        hz = os.sysconf("SC_CLK_TCK")
+        steps = []
+        for (t0, a0, b0), (t1, a1, b1) in zip(self.samples, self.samples[1:]):
+            trainer, other = (a1 - a0) / hz, (b1 - b0) / hz
+            if trainer / (t1 - t0) >= 0.75 * self.threads:
+                steps.append((t1 - t0, trainer, other))
+        steps = steps[self.skip :]
+        if not steps:
+            return None
+        seconds = sum(s for s, _, _ in steps)
+        return {
+            "trainer_cores": sum(t for _, t, _ in steps) / seconds,
+            "other_cores": sum(o for _, _, o in steps) / seconds,
+            "seconds": seconds,
+        }
+
+
 def validation_loss(model, train_cfg, meta) -> float:
     """Mean next-token cross-entropy over the validation micro-batches raylm's loop evaluates on one worker."""
     import torch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from train_common import (  # noqa: E402
-    char_tokenizer, compare_curves, sample_steps, select_works, shakespeare_works, split_by_chars, steady_tokens_per_s,
+    CpuSampler, char_tokenizer, compare_curves, sample_steps, select_works, shakespeare_works, split_by_chars, steady_tokens_per_s,
 )  # fmt: skip
 
 
@@ -61,3 +63,22 @@ def test_the_character_tokenizer_gives_one_id_per_character_and_decodes_exactly(
     ids = tokenizer.encode(text).ids
     assert len(ids) == len(text) and len(set(ids)) == len(set(text)) == tokenizer.get_vocab_size()
     assert tokenizer.decode(ids) == text
+
+
+def test_cpu_sampler_counts_the_training_intervals_only():
+    cpu = CpuSampler(threads=2, skip=1)
+    hz = os.sysconf("SC_CLK_TCK")
+    # (time, trainer ticks, other ticks): start-up (1 core), two skipped-then-counted training seconds, the end
+    cpu.samples = [(0.0, 0, 0), (1.0, hz, 0), (2.0, 3 * hz, hz // 10), (3.0, 5 * hz, hz // 5), (4.0, 7 * hz, hz), (5.0, 7 * hz, hz)]
+    # training intervals: 1-2, 2-3, 3-4 (2 cores each); the first is skipped
+    assert cpu.result() == pytest.approx({"trainer_cores": 2.0, "other_cores": (hz - hz // 10) / hz / 2, "seconds": 2.0})
+    cpu.samples = cpu.samples[:2]
+    assert cpu.result() is None
+
+
+def test_cpu_sampler_sees_a_busy_training_process():
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass", "train_common.py"])
+    with CpuSampler(threads=1, interval=0.2, skip=0) as cpu:
+        busy.wait()
+    result = cpu.result()
+    assert result is not None and result["trainer_cores"] == pytest.approx(1.0, abs=0.25)
