@@ -182,13 +182,13 @@ def overhead(runs: Runs, args, results: dict) -> None:
     skip = args.skip_steps
     rows = []
 
-    def bare_run(preset_overrides: list[str], one: list[str], threads: int, r: int) -> float:
+    def bare_run(preset_overrides: list[str], one: list[str], threads: int, r: int, cores: list) -> float:
         # No Ray at all: Ray's own processes take CPU from training, and that is part of what raylm costs.
         # raylm's next run then starts a fresh local Ray, as `raylm train` does.
         ray.shutdown()
         with CpuSampler(threads) as cpu:
             bare = runs.bare([*preset_overrides, *one], threads, repeat=r)
-        cores["bare"].append(cpu.result())
+        cores.append(cpu.result())
         return steady_tokens_per_s(bare["history"], skip)
 
     for preset in args.presets.split(","):
@@ -196,14 +196,14 @@ def overhead(runs: Runs, args, results: dict) -> None:
         for threads in overhead_threads(args):
             one = workers(1, threads, 1)
             cores: dict[str, list[dict | None]] = {"bare": [], "raylm": []}  # CpuSampler results, run by run
-            tps: dict[str, list[float]] = {"bare": [bare_run(base, one, threads, 0)], "raylm": []}
+            tps: dict[str, list[float]] = {"bare": [bare_run(base, one, threads, 0, cores["bare"])], "raylm": []}
             entry = {"preset": preset, "threads": threads, "rounds": args.rounds}
             for r in range(args.rounds):
                 with CpuSampler(threads) as cpu:
                     run = runs.raylm(f"overhead-{preset}-z1", [*base, *one], repeat=r)
                 cores["raylm"].append(cpu.result())
                 tps["raylm"].append(steady_tokens_per_s(run["history"], skip))
-                tps["bare"].append(bare_run(base, one, threads, r + 1))
+                tps["bare"].append(bare_run(base, one, threads, r + 1, cores["bare"]))
                 entry.update(num_params=run["summary"]["num_params"], fit_seconds=run["summary"]["seconds"])
             cfg = runs.config([*base, *one]).train
             around = [(a + b) / 2 for a, b in zip(tps["bare"], tps["bare"][1:])]  # the bare runs before and after each raylm run

@@ -27,6 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -263,8 +264,6 @@ class CpuSampler:
     """
 
     def __init__(self, threads: int, interval: float = 1.0, skip: int = 5):
-        import threading
-
         self.threads, self.interval, self.skip = threads, interval, skip
         self.samples: list[tuple[float, int, int]] = []
         self._stop = threading.Event()
