@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from raylm.config import load_config
 from raylm.errors import InputError
 from raylm.model.artifact import load_model
 from raylm.tokenize.ingest import SequenceOrder, sample_checksum
+from raylm.train.loop import extensions_dir
 from raylm.train.trainer import build_trainer, run_train
 
 SEQ_LEN = 32
@@ -77,6 +79,13 @@ def test_train_stage_learns_and_exports_the_trained_weights(trained):
     assert summary["export_max_abs_diff"] < 1e-5
 
     assert run_train(cfg)["steps"] == 12  # same config: the finished output is returned, nothing runs
+
+
+def test_deepspeeds_cpu_comm_op_is_built_in_this_environments_own_folder(trained):
+    """DeepSpeed JIT-builds its shared-memory all-reduce in the workers: into a folder of this virtual environment's,
+    so another checkout's environment on the machine neither rebuilds it nor has it rebuilt."""
+    built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", extensions_dir())) / "deepspeed_shm_comm"
+    assert (built / "deepspeed_shm_comm.so").is_file()
 
 
 def test_the_run_reports_its_training_figures_everywhere(trained):

@@ -1,5 +1,5 @@
 """CPU workers' malloc settings (train.keep_freed_memory): the environment Ray starts the workers with, and what it
-does to a training step run in a thread of its own, as Ray Train runs the loop."""
+does to a training step run in a thread of its own, as Ray Train runs the loop. Also where workers build torch extensions."""
 
 from __future__ import annotations
 
@@ -59,3 +59,14 @@ def test_the_settings_stop_a_training_step_from_faulting_its_tensors_in_afresh()
     kept = _faults_per_step(worker_runtime_env(TrainConfig(data="d", output="o"))["env_vars"])
     # measured here: 35,000 faults a step (about 140 MiB of fresh pages) with glibc's defaults, none with the settings
     assert default > 5_000 and kept < default / 10, (default, kept)
+
+
+def test_each_python_environment_builds_torch_extensions_in_a_folder_of_its_own(monkeypatch):
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from raylm.train.loop import extensions_dir
+
+    here = extensions_dir()
+    assert os.path.dirname(here) == get_default_build_root() and extensions_dir() == here
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/.venv")
+    assert extensions_dir() != here

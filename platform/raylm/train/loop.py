@@ -130,10 +130,29 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.optimizer.lr, betas=betas, fused=cfg.use_gpu or None)
 
 
+def extensions_dir() -> str:
+    """Where this Python environment's JIT-built torch extensions live: a folder of its own under torch's default root.
+
+    DeepSpeed compiles ops on first use (on the CPU, its shared-memory all-reduce, `deepspeed_shm_comm`, whenever its
+    comm backend starts: 60-90 s of every core here). torch keeps them in one folder per Python and accelerator,
+    shared by every virtual environment, and the build commands name the environment's own include paths, so two
+    environments of one machine (two checkouts, a CI clone beside a working copy) rebuild the op each time the other
+    one ran. Keyed by the interpreter prefix and torch's version, each environment builds once.
+    """
+    import hashlib
+    import sys
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    key = hashlib.sha1(f"{sys.prefix}\0{torch.__version__}".encode()).hexdigest()[:10]
+    return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}-{key}")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point: `config["spec"]` is a LoopSpec."""
     spec: LoopSpec = config["spec"]
     cfg = spec.train
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())  # a user's own setting wins
     if not cfg.use_gpu:
         # Must precede the first `import deepspeed` in this process: DeepSpeed picks its accelerator on import.
         os.environ["DS_ACCELERATOR"] = "cpu"
