@@ -23,7 +23,10 @@ settings (byte-level BPE 4,096, seq_len 128), cached in benchmarks/results/cache
    the ratio is what raylm's loop, Ray Train and DeepSpeed cost). Each run's CPU use is sampled from
    /proc during its training steps (train_common.CpuSampler): the cores the training process used and
    those all other processes used, so that each ratio splits into (cores of raylm's worker / cores of
-   the bare loop) x (tokens per CPU-second of the worker / of the bare loop). Then data-parallel
+   the bare loop) x (tokens per CPU-second of the worker / of the bare loop). Each row ends with the same three
+   loops' CPU per step in one process without Ray (train_common.step_costs: the bare step, DeepSpeed's engine,
+   raylm's step around it; --step-blocks blocks in turn), which tells the cost of raylm's and DeepSpeed's code
+   from the cost of running inside Ray's processes. Then data-parallel
    scaling: 1 worker with all --threads, 1 worker with 1 thread, 2 workers with 1 thread each (the
    machine has 2 cores: two workers split them, so "2 workers / 1 worker x 2 threads" compares data
    parallelism with intra-op threading on the same cores, and "2 workers / 1 worker x 1 thread" is the
@@ -69,7 +72,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 from train_common import (  # noqa: E402
     CACHE, DEMO_CONFIG, RESULTS, CpuSampler, bare_train_process, compare_curves, demo_tokens, plot_overlay, sample_steps,
-    shakespeare_char_tokens, steady_tokens_per_s,
+    shakespeare_char_tokens, steady_tokens_per_s, step_costs_process,
 )  # fmt: skip
 
 CORES = os.cpu_count() or 1
@@ -215,6 +218,10 @@ def overhead(runs: Runs, args, results: dict) -> None:
                 bare_runs=tps["bare"], bare_around=around, raylm_rounds=tps["raylm"], round_ratios=round_ratios,
                 cpu=cores, **cpu_split(cores, round_ratios),
             )  # fmt: skip
+            if args.step_blocks:  # where the code's own cost is: the three loops in one process, no Ray
+                ray.shutdown()
+                entry["in_process"] = step_costs_process(DEMO_CONFIG, runs.overrides([*base, *one]), threads,
+                                                         args.step_blocks, args.block_steps)  # fmt: skip
             rows.append(entry)
     results["overhead"] = rows
     micro = runs.config([]).train.micro_batch_size
@@ -232,6 +239,12 @@ def overhead(runs: Runs, args, results: dict) -> None:
         if r["cores_ratio"] is not None:
             print(f"{'':>7} ratio {r['ratio']:.3f} = cores {r['cores_ratio']:.3f} (raylm's worker's cores / the bare loop's) "
                   f"x tokens per CPU-second {r['per_core_ratio']:.3f} (raylm's worker / the bare loop); medians over rounds")  # fmt: skip
+        if "in_process" in r:
+            ms = r["in_process"]
+            print(f"{'':>7} in one process without Ray, CPU ms per step: bare {ms['bare']['cpu_ms']:.1f}, DeepSpeed's engine "
+                  f"{ms['deepspeed']['cpu_ms']:.1f} ({ms['deepspeed']['cpu_ms'] / ms['bare']['cpu_ms']:.3f}), raylm's step "
+                  f"{ms['raylm']['cpu_ms']:.1f} ({ms['raylm']['cpu_ms'] / ms['bare']['cpu_ms']:.3f}); {args.step_blocks} blocks "
+                  f"of {args.block_steps} steps in turn, medians")  # fmt: skip
     print("target: ratio >= 0.9 (ratio: the median over rounds of raylm / the mean of the bare runs before and after it; tok/s: medians; "
           "threads: torch threads of both loops (with --spare-core, a row with one fewer leaves a core to Ray's own processes); "
           "ZeRO: the config's zero_stage -> the stage one data-parallel rank runs; "
@@ -368,6 +381,9 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true", help="the overhead section without its data-parallel scaling runs")
     parser.add_argument("--rounds", type=int, default=4, help="raylm runs of the overhead section, each between two bare runs (median of their ratios)")
     parser.add_argument("--presets", default="demo", help="model presets of the overhead section (the first also for scaling and curves)")
+    parser.add_argument("--step-blocks", type=int, default=8,
+                        help="overhead: blocks of the in-process comparison of the bare, DeepSpeed and raylm steps (0: skip it)")
+    parser.add_argument("--block-steps", type=int, default=10, help="optimizer steps per block of that comparison")
     parser.add_argument("--threads", type=int, default=CORES, help="torch threads of the single-worker runs and the bare loop")
     parser.add_argument("--spare-core", action=argparse.BooleanOptionalAction, default=True,
                         help="also an overhead row at --threads - 1 in both loops, leaving a core to Ray's own processes")

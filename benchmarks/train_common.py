@@ -213,16 +213,139 @@ def bare_train(train_cfg, seed: int, threads: int) -> dict:
 def bare_train_process(config: Path | None, overrides: list[str], threads: int) -> dict:
     """bare_train on load_config(config, overrides) in a new Python process, whose environment adds what raylm's
     training workers get (raylm.train.trainer.worker_runtime_env: malloc settings only act from process start)."""
+    return _in_worker_process({"run": "bare_train", "config": str(config) if config else None, "overrides": overrides,
+                               "threads": threads})  # fmt: skip
+
+
+def step_costs_process(config: Path | None, overrides: list[str], threads: int, blocks: int, steps: int) -> dict:
+    """step_costs on load_config(config, overrides) in a new Python process with the environment of raylm's workers."""
+    return _in_worker_process({"run": "step_costs", "config": str(config) if config else None, "overrides": overrides,
+                               "threads": threads, "blocks": blocks, "steps": steps})  # fmt: skip
+
+
+def _in_worker_process(job: dict) -> dict:
+    """Run `job` (this module's __main__ below) in a new Python process with the environment of raylm's workers."""
     from raylm.config import load_config
     from raylm.train.trainer import worker_runtime_env
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(job["config"], job["overrides"])
     env = {**os.environ, **worker_runtime_env(cfg.train).get("env_vars", {})}
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bare.json"
-        job = json.dumps({"config": str(config) if config else None, "overrides": overrides, "threads": threads})
-        subprocess.run([sys.executable, __file__, job, str(out)], env=env, check=True)
+        out = Path(tmp) / "out.json"
+        subprocess.run([sys.executable, __file__, json.dumps(job), str(out)], env=env, check=True)
         return json.loads(out.read_text())
+
+
+def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> dict:
+    """Milliseconds of CPU and of wall time per optimizer step of three loops in this one process, without Ray, on
+    the same micro-batches (the first rows of the train split), each starting from the same weights:
+
+    - bare: the bare loop's step (bare_train's, clipping by torch);
+    - deepspeed: DeepSpeed's engine built from raylm's config (one gloo rank), driven by forward, backward, step;
+    - raylm: raylm's own micro-batch step around such an engine (raylm.train.loop: timing, loss and gradient-norm
+      bookkeeping, and a log window flushed every log_interval_steps steps, as the worker does).
+
+    Blocks of `steps` steps run in turn, so the VM's drift reaches the three alike; medians over `blocks` blocks,
+    after 3 warm-up steps each. Returns {loop: {"cpu_ms", "wall_ms"}}.
+    """
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    from raylm.model.gpt import GPT
+    from raylm.tokenize.shards import TokenSplit, read_token_meta
+    from raylm.train.deepspeed_config import deepspeed_config
+    from raylm.train.loop import _deepspeed_keeps_grad_norm, _train_micro_batch, _Window, build_optimizer, lm_loss, lr_factor
+    from raylm.train.trainer import model_config
+
+    torch.set_num_threads(threads)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    with socket.socket() as s:  # a free port for the one-rank process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    import deepspeed
+
+    meta = read_token_meta(train_cfg.data)
+    gpt = model_config(train_cfg, meta)
+    micro, accum = train_cfg.micro_batch_size, train_cfg.grad_accum_steps
+    rows = torch.from_numpy(TokenSplit(meta, "train").rows(np.arange(micro * accum)).astype(np.int64))
+    batches = [_pair(b) for b in rows.split(micro)]  # accum micro-batches of (inputs, targets)
+    max_steps = (blocks + 1) * steps + 10
+
+    def model_and_optimizer():
+        torch.manual_seed(seed)
+        model = GPT(gpt)
+        model.train()
+        optimizer = build_optimizer(model, train_cfg)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, functools.partial(lr_factor, opt=train_cfg.optimizer, max_steps=max_steps)
+        )
+        return model, optimizer, schedule
+
+    def bare():
+        model, optimizer, schedule = model_and_optimizer()
+
+        def step():
+            for inputs, targets in batches:
+                _, loss = model(inputs, targets)
+                (loss / accum).backward()
+            if train_cfg.optimizer.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.optimizer.grad_clip)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    def engine():
+        model, optimizer, schedule = model_and_optimizer()
+        config = deepspeed_config(train_cfg, data_parallel_size=1)
+        return deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
+
+    def deepspeed_step():
+        ds, *_ = engine()
+
+        def step():
+            for inputs, targets in batches:
+                _, loss = ds(inputs, targets)
+                ds.backward(loss)
+                ds.step()
+
+        return step
+
+    def raylm_step():
+        ds, _, _, schedule = engine()
+        window = _Window(torch.device("cpu"), accum, own_grad_norm=not _deepspeed_keeps_grad_norm(ds))
+        done = [0]
+
+        def step():
+            for inputs, targets in batches:
+                _train_micro_batch(ds, lm_loss, inputs, targets, window)
+            done[0] += 1
+            if done[0] % train_cfg.log_interval_steps == 0:
+                window.flush(schedule.get_last_lr()[0], micro * accum * meta.seq_len)
+
+        return step
+
+    loops = {"bare": bare(), "deepspeed": deepspeed_step(), "raylm": raylm_step()}
+    for step in loops.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in loops}
+    for _ in range(blocks):
+        for name, step in loops.items():
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[name].append(((time.process_time() - cpu) / steps * 1e3, (time.perf_counter() - wall) / steps * 1e3))
+    dist.destroy_process_group()
+    return {
+        name: {"cpu_ms": float(np.median([c for c, _ in t])), "wall_ms": float(np.median([w for _, w in t]))}
+        for name, t in times.items()
+    }
 
 
 TRAINER_MARKS = ("RayTrainWorker", "train_common.py")
@@ -405,9 +528,13 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
-if __name__ == "__main__":  # bare_train_process's child: python train_common.py JOB_JSON OUT_JSON
+if __name__ == "__main__":  # _in_worker_process's child: python train_common.py JOB_JSON OUT_JSON
     from raylm.config import load_config
 
     job = json.loads(sys.argv[1])
     cfg = load_config(job["config"], job["overrides"])
-    Path(sys.argv[2]).write_text(json.dumps(bare_train(cfg.train, cfg.run.seed, job["threads"])))
+    if job["run"] == "bare_train":
+        result = bare_train(cfg.train, cfg.run.seed, job["threads"])
+    else:
+        result = step_costs(cfg.train, cfg.run.seed, job["threads"], job["blocks"], job["steps"])
+    Path(sys.argv[2]).write_text(json.dumps(result))
