@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Ray Data's progress bars in the workers' streams (they take this process's DataContext) would bury the figures.
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 from prepare_common import demo_texts  # noqa: E402  (the bundled corpus's texts)
 
 

@@ -61,12 +61,19 @@ def test_the_settings_stop_a_training_step_from_faulting_its_tensors_in_afresh()
     assert default > 5_000 and kept < default / 10, (default, kept)
 
 
-def test_each_python_environment_builds_torch_extensions_in_a_folder_of_its_own(monkeypatch):
+def test_each_python_environment_and_ninja_build_torch_extensions_in_a_folder_of_their_own(monkeypatch, tmp_path):
     from torch.utils.cpp_extension import get_default_build_root
 
     from raylm.train.loop import extensions_dir
 
     here = extensions_dir()
     assert os.path.dirname(here) == get_default_build_root() and extensions_dir() == here
-    monkeypatch.setattr(sys, "prefix", "/elsewhere/.venv")
-    assert extensions_dir() != here
+    # another ninja first on PATH (an activated virtualenv's `ninja` package against the system's)
+    ninja = tmp_path / "ninja"
+    ninja.write_text("#!/bin/sh\n")
+    ninja.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    other_ninja = extensions_dir()
+    assert other_ninja != here
+    monkeypatch.setattr(sys, "prefix", "/elsewhere/.venv")  # another Python environment
+    assert extensions_dir() not in (here, other_ninja)

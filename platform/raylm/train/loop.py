@@ -131,20 +131,26 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def extensions_dir() -> str:
-    """Where this Python environment's JIT-built torch extensions live: a folder of its own under torch's default root.
+    """Where this process's JIT-built torch extensions live: a folder of its own under torch's default root, one per
+    Python environment, torch version and ninja binary.
 
     DeepSpeed compiles ops on first use (on the CPU, its shared-memory all-reduce, `deepspeed_shm_comm`, whenever its
-    comm backend starts: 60-90 s of every core here). torch keeps them in one folder per Python and accelerator,
-    shared by every virtual environment, and the build commands name the environment's own include paths, so two
-    environments of one machine (two checkouts, a CI clone beside a working copy) rebuild the op each time the other
-    one ran. Keyed by the interpreter prefix and torch's version, each environment builds once.
+    comm backend starts: 30-90 s of every core here). torch keeps them in one folder per Python version, shared by
+    every virtual environment, and ninja rebuilds whatever it finds built by a different command or a different
+    ninja: the build commands name the environment's include paths, and ninja 1.12 changed how its log hashes
+    commands. Workers of a local Ray find the system's ninja on PATH, those of a cluster started from the
+    environment (raylm.cluster.multihost, an activated virtualenv) the `ninja` package's; each took the op for
+    rebuilding after the other. Keyed by all three, every combination builds once.
     """
     import hashlib
+    import shutil
     import sys
 
     from torch.utils.cpp_extension import get_default_build_root
 
-    key = hashlib.sha1(f"{sys.prefix}\0{torch.__version__}".encode()).hexdigest()[:10]
+    ninja = shutil.which("ninja")
+    ninja = os.path.realpath(ninja) if ninja else ""
+    key = hashlib.sha1(f"{sys.prefix}\0{torch.__version__}\0{ninja}".encode()).hexdigest()[:10]
     return os.path.join(get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}-{key}")
 
 
