@@ -153,6 +153,35 @@ def shakespeare_char_tokens(seq_len: int, workdir: Path = CACHE / "shakespeare_c
     return cfg, data
 
 
+def bare_model(train_cfg, gpt, seed: int, max_steps: int):
+    """The bare loop's (model, optimizer, LR schedule): the GPT seeded as raylm's engine build seeds it (the same
+    initial weights), raylm.train.loop.build_optimizer (AdamW, the same parameter groups) and lr_factor."""
+    import torch
+
+    from raylm.model.gpt import GPT
+    from raylm.train.loop import build_optimizer, lr_factor
+
+    torch.manual_seed(seed)
+    model = GPT(gpt)
+    model.train()
+    optimizer = build_optimizer(model, train_cfg)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, opt=train_cfg.optimizer, max_steps=max_steps)
+    )
+    return model, optimizer, schedule
+
+
+def bare_optimizer_step(model, optimizer, schedule, grad_clip: float) -> None:
+    """The bare loop's step once its micro-batches' gradients are in: clipping by torch, AdamW, the schedule."""
+    import torch
+
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def bare_train(train_cfg, seed: int, threads: int) -> dict:
     """`train_cfg` trained by a plain PyTorch loop in this process; returns {history, val_loss, seconds}.
 
@@ -162,21 +191,13 @@ def bare_train(train_cfg, seed: int, threads: int) -> dict:
     """
     import torch
 
-    from raylm.model.gpt import GPT
     from raylm.tokenize.ingest import SequenceOrder
     from raylm.tokenize.shards import TokenSplit, read_token_meta
-    from raylm.train.loop import build_optimizer, lr_factor
     from raylm.train.trainer import model_config
 
     torch.set_num_threads(threads)
     meta = read_token_meta(train_cfg.data)
-    torch.manual_seed(seed)  # as raylm's engine build: the same initial weights
-    model = GPT(model_config(train_cfg, meta))
-    model.train()
-    optimizer = build_optimizer(model, train_cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, opt=train_cfg.optimizer, max_steps=train_cfg.max_steps)
-    )
+    model, optimizer, schedule = bare_model(train_cfg, model_config(train_cfg, meta), seed, train_cfg.max_steps)
     micro, accum = train_cfg.micro_batch_size, train_cfg.grad_accum_steps
     order = SequenceOrder(meta.num_sequences["train"], micro, 1, seed, train_cfg.shuffle)
     rows = TokenSplit(meta, "train")
@@ -193,11 +214,7 @@ def bare_train(train_cfg, seed: int, threads: int) -> dict:
             _, loss = model(*_pair(batch))
             (loss / accum).backward()  # DeepSpeed scales by 1 / accumulation steps too
             losses.append(loss.detach())
-        if train_cfg.optimizer.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.optimizer.grad_clip)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        bare_optimizer_step(model, optimizer, schedule, train_cfg.optimizer.grad_clip)
         if step % train_cfg.log_interval_steps == 0 or step == train_cfg.max_steps:
             seconds = time.perf_counter() - window_start
             steps = step - last_step
@@ -253,14 +270,14 @@ def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> d
     import torch
     import torch.distributed as dist
 
-    from raylm.model.gpt import GPT
     from raylm.tokenize.shards import TokenSplit, read_token_meta
     from raylm.train.deepspeed_config import deepspeed_config
-    from raylm.train.loop import _deepspeed_keeps_grad_norm, _train_micro_batch, _Window, build_optimizer, lm_loss, lr_factor
+    from raylm.train.loop import _deepspeed_keeps_grad_norm, _train_micro_batch, _Window, extensions_dir, lm_loss
     from raylm.train.trainer import model_config
 
     torch.set_num_threads(threads)
     os.environ["DS_ACCELERATOR"] = "cpu"
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())  # the workers' build of DeepSpeed's comm op
     with socket.socket() as s:  # a free port for the one-rank process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -275,33 +292,19 @@ def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> d
     batches = [_pair(b) for b in rows.split(micro)]  # accum micro-batches of (inputs, targets)
     max_steps = (blocks + 1) * steps + 10
 
-    def model_and_optimizer():
-        torch.manual_seed(seed)
-        model = GPT(gpt)
-        model.train()
-        optimizer = build_optimizer(model, train_cfg)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, functools.partial(lr_factor, opt=train_cfg.optimizer, max_steps=max_steps)
-        )
-        return model, optimizer, schedule
-
     def bare():
-        model, optimizer, schedule = model_and_optimizer()
+        model, optimizer, schedule = bare_model(train_cfg, gpt, seed, max_steps)
 
         def step():
             for inputs, targets in batches:
                 _, loss = model(inputs, targets)
                 (loss / accum).backward()
-            if train_cfg.optimizer.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.optimizer.grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            bare_optimizer_step(model, optimizer, schedule, train_cfg.optimizer.grad_clip)
 
         return step
 
     def engine():
-        model, optimizer, schedule = model_and_optimizer()
+        model, optimizer, schedule = bare_model(train_cfg, gpt, seed, max_steps)
         config = deepspeed_config(train_cfg, data_parallel_size=1)
         return deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=config)
 

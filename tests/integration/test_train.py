@@ -82,8 +82,8 @@ def test_train_stage_learns_and_exports_the_trained_weights(trained):
 
 
 def test_deepspeeds_cpu_comm_op_is_built_in_this_environments_own_folder(trained):
-    """DeepSpeed JIT-builds its shared-memory all-reduce in the workers: into a folder of this virtual environment's,
-    so another checkout's environment on the machine neither rebuilds it nor has it rebuilt."""
+    """DeepSpeed JIT-builds its shared-memory all-reduce in the workers: into the folder of this virtual environment
+    and ninja, so another checkout's environment or another ninja on the machine neither rebuilds it nor has it rebuilt."""
     built = Path(os.environ.get("TORCH_EXTENSIONS_DIR", extensions_dir())) / "deepspeed_shm_comm"
     assert (built / "deepspeed_shm_comm.so").is_file()
 
