@@ -1,9 +1,7 @@
-"""The exported-model directory: what train, distill and quantize write and evaluate and serve read.
+"""Exported models: what train, distill and quantize write and evaluate and serve read.
 
-    <dir>/model.safetensors   weights (no pickle)
-    <dir>/config.json         {"format": "raylm-gpt", "version": 1, "model": GPTConfig fields,
-                               "dtype": "float32" | "bfloat16", "quantization": null | {...}, ...}
-    <dir>/tokenizer.json      the `tokenizers` tokenizer the model was trained with
+    save_model(dir, gpt, tokenizer_file)     a float model directory (layout: raylm.model.layout)
+    load_model(dir) -> LoadedModel           any exported model, float or int8 (raylm.model.quantized)
 """
 
 from __future__ import annotations
@@ -17,13 +15,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
 
-from raylm.errors import InputError
 from raylm.model.gpt import GPT, GPTConfig
-
-FORMAT = "raylm-gpt"
-FORMAT_VERSION = 1
-WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
+from raylm.model.layout import CONFIG, FORMAT, FORMAT_VERSION, TOKENIZER, WEIGHTS, read_model_meta  # noqa: F401 (named here too)
+from raylm.model.quantized import load_quantized
 
 
 @dataclass
@@ -70,31 +66,13 @@ def save_model(
     return d
 
 
-def read_model_meta(directory: str | os.PathLike) -> dict:
-    """config.json of an exported model, or an InputError naming the directory."""
-    d = Path(directory)
-    try:
-        meta = json.loads((d / CONFIG).read_text())
-    except FileNotFoundError:
-        raise InputError(f"{d}: not an exported raylm model (no {CONFIG})") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{d / CONFIG}:{e.lineno}: invalid JSON") from None
-    if meta.get("format") != FORMAT:
-        raise InputError(f"{d / CONFIG}: format {meta.get('format')!r} is not {FORMAT!r}")
-    return meta
-
-
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an exported model for inference (eval mode). Reads safetensors only: nothing is unpickled."""
-    from tokenizers import Tokenizer
-
     d = Path(directory)
     meta = read_model_meta(d)
     cfg = GPTConfig.from_dict(meta["model"])
     if meta.get("quantization"):
-        from raylm.model.quantized import load_quantized  # int8 weights: built by raylm.compress.quantize
-
-        model = load_quantized(d, cfg, meta)
+        model = load_quantized(d, cfg, meta)  # int8 weights: built by raylm.compress.quantize
     else:
         model = GPT(cfg)
         state = load_file(str(d / WEIGHTS))

@@ -9,7 +9,7 @@
                                 wte.weight_int8           int8 (vocab, d_model)
                                 wte.weight_scale          float32 (vocab,)  one scale per row
                               everything else (positions, norms) in float32
-    <dir>/config.json         as `raylm.model.artifact`, with
+    <dir>/config.json         as `raylm.model.layout`, with
                               "quantization": {"method": "int8_dynamic", "modules": [...],
                                                "tied_embedding": "float32" | "int8", ...}
     <dir>/tokenizer.json
@@ -43,7 +43,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from raylm.errors import InputError
-from raylm.model.artifact import CONFIG, FORMAT, FORMAT_VERSION, TOKENIZER, WEIGHTS
+from raylm.model.layout import CONFIG, FORMAT, FORMAT_VERSION, TOKENIZER, WEIGHTS
 from raylm.model.gpt import GPT, GPTConfig
 
 METHOD = "int8_dynamic"
@@ -78,7 +78,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_linear(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bias: torch.Tensor | None) -> nn.Module:
     """A dynamically quantized Linear from its int8 weight (out, in), per-channel scale and zero point (out,)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear  # torch.ao warns of its deprecation on import
 
     out_features, in_features = q.shape
     if zero_point is None:

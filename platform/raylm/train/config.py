@@ -5,11 +5,12 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from raylm.configbase import ConfigSection
+from raylm.model.config import PRESETS, GPTConfig, build_config
 
 
 class ModelConfig(ConfigSection):
     preset: str = "debug"
-    """Size preset from raylm.model.gpt.PRESETS (debug, demo, 10m, 125m, 350m, 1b)."""
+    """Size preset from raylm.model.config.PRESETS (debug, demo, 10m, 125m, 350m, 1b)."""
     n_layer: int | None = Field(None, ge=1)
     """Overrides the preset's number of blocks."""
     n_head: int | None = Field(None, ge=1)
@@ -26,16 +27,12 @@ class ModelConfig(ConfigSection):
 
     @model_validator(mode="after")
     def _known_preset(self):
-        from raylm.model.gpt import PRESETS
-
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
         return self
 
-    def gpt_config(self, vocab_size: int, block_size: int):
+    def gpt_config(self, vocab_size: int, block_size: int) -> GPTConfig:
         """The GPTConfig of this preset and its overrides, for a vocabulary and context; ValueError if inconsistent."""
-        from raylm.model.gpt import build_config
-
         return build_config(
             self.preset,
             n_layer=self.n_layer,
