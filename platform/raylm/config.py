@@ -24,13 +24,14 @@ from pydantic import Field, ValidationError
 
 from raylm.compress.config import DistillConfig, QuantizeConfig
 from raylm.configbase import ConfigSection
+from raylm.context import RunContext
 from raylm.data.config import PrepareConfig
 from raylm.errors import ConfigError
 from raylm.evaluate.config import EvaluateConfig
 from raylm.serve.config import ServeConfig
 from raylm.tokenize.config import TokenizeConfig
 from raylm.train.config import TrainConfig
-from raylm.tune.config import TuneConfig
+from raylm.tune.config import TuneConfig, TuneJob
 
 STAGES = ("prepare", "tokenize", "train", "tune", "distill", "quantize", "evaluate", "serve")
 
@@ -64,11 +65,26 @@ class RaylmConfig(ConfigSection):
     evaluate: EvaluateConfig
     serve: ServeConfig
 
-    def section(self, stage: str) -> ConfigSection:
+    def stage_input(self, stage: str) -> ConfigSection:
+        """The typed input of a stage's `run(section, ctx)`: its own section; tune's also carries the train config."""
+        if stage == "tune":
+            return TuneJob(tune=self.tune, train=self.train)
         return getattr(self, stage)
 
     def resolved_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+    def context(self, address: str | None = None) -> RunContext:
+        """The run context every stage gets: `run:` and `ray:`, with `address` (e.g. --address) over ray.address."""
+        return RunContext(
+            name=self.run.name,
+            seed=self.run.seed,
+            workdir=self.run.workdir,
+            overwrite=self.run.overwrite,
+            ray_address=address or self.ray.address,
+            ray_num_cpus=self.ray.num_cpus,
+            config_yaml=self.resolved_yaml(),
+        )
 
 
 def _derive_paths(raw: dict[str, Any]) -> dict[str, Any]:

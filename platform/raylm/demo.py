@@ -7,12 +7,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import ray
 from rich.console import Console
 
 from raylm.config import RaylmConfig
-from raylm.runtime import init_ray
+from raylm.serve.lifecycle import start_serve, stop_serve
+from raylm.stages import STAGES, connect, run_stage
 
-PIPELINE = ("prepare", "tokenize", "train", "tune", "distill", "quantize", "evaluate")
+PIPELINE = tuple(name for name in STAGES if name != "serve")
+"""The stages the demo runs in order before it serves the models (raylm.stages.STAGES)."""
 DEMO_PROMPT = "ROMEO. "
 
 
@@ -29,28 +32,24 @@ def fetch_completion(base_url: str, model: str, prompt: str, max_tokens: int = 3
 
 def run_demo(cfg: RaylmConfig, address: str | None = None, keep_serving: bool = False) -> int:
     """Run prepare → tokenize → train → tune → distill → quantize → evaluate → serve, print the results."""
-    from raylm.cli import stage_function
-    from raylm.serve.app import start_serve, stop_serve
-
     console = Console()
     started = time.time()
-    init_ray(address or cfg.ray.address, cfg.ray.num_cpus)
+    ctx = cfg.context(address)
+    connect(ctx)
     outputs: dict[str, str] = {}
     for stage in PIPELINE:
         console.rule(f"[bold]raylm {stage}")
         t0 = time.time()
-        summary = stage_function(stage)(cfg)
+        summary = run_stage(stage, cfg, ctx)
         outputs[stage] = str(summary.get("output", ""))
         console.print(f"[green]{stage}[/] done in {time.time() - t0:.1f}s -> {outputs[stage]}")
 
     console.rule("[bold]raylm serve")
-    base_url = start_serve(cfg)
-    model = cfg.run.name
+    base_url = start_serve(cfg.serve, ctx)
+    model = ctx.name
     completion = fetch_completion(base_url, model, DEMO_PROMPT, api_key=cfg.serve.api_key)
 
     if not keep_serving:
-        import ray
-
         stop_serve()
         ray.shutdown()  # no late worker logs after the results below
 

@@ -11,7 +11,7 @@ from raylm.errors import RaylmError
 
 IDLE_WORKERS_KEPT = 2
 """Idle Ray workers a local Ray keeps alive: the read tasks of one train worker's token stream
-(raylm.tokenize.ingest.TokenStream runs this many at a time)."""
+(raylm.train.ingest.TokenStream runs this many at a time)."""
 
 _LOCAL_SYSTEM_CONFIG = {
     "idle_worker_killing_time_threshold_ms": 10_000,
@@ -62,7 +62,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     A local Ray gets at least 4 logical CPUs so that Ray Data tasks can feed Ray Train workers
     on a 2-core machine; the OS shares the real cores between them.
     """
-    import ray
+    import ray  # seconds of imports: raylm.stages imports this module for `raylm --help` too
 
     if ray.is_initialized():
         return

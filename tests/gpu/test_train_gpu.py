@@ -7,7 +7,7 @@ import math
 import torch
 
 from raylm.config import load_config
-from raylm.train.trainer import run_train
+from raylm.stages import run_stage
 
 
 def test_125m_trains_in_bf16_over_nccl_and_reports_mfu(ray_local, make_tokens, tmp_path):
@@ -34,7 +34,7 @@ def test_125m_trains_in_bf16_over_nccl_and_reports_mfu(ray_local, make_tokens, t
             "--train.eval_batches=2",
         ],
     )
-    summary = run_train(cfg)
+    summary = run_stage("train", cfg)
     print(
         f"\n125m bf16 NCCL on {gpus} x {torch.cuda.get_device_name(0)}: {summary['tokens_per_s']:,.0f} tokens/s, "
         f"MFU {summary.get('mfu', float('nan')):.3f} of {summary.get('peak_flops_per_worker', float('nan')):.3g} FLOP/s per GPU"

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from raylm.artifacts import stage_output
-from raylm.compress.distill import run_distill
 from raylm.config import load_config
 from raylm.model.artifact import load_model, save_model
 from raylm.model.gpt import GPT, build_config
 from raylm.tokenize.packing import packed_split
 from raylm.tokenize.shards import TokenMeta, read_token_meta, write_token_data
+from raylm.stages import run_stage
 
 SEQ_LEN = 32
 
@@ -73,7 +73,7 @@ def test_student_learns_from_teacher_and_exports(ray_local, tmp_path):
             "--distill.eval_batches=2",
         ],
     )
-    summary = run_distill(cfg)
+    summary = run_stage("distill", cfg)
 
     out = Path(cfg.distill.output)
     assert summary["steps"] == 10 and math.isfinite(summary["loss"]) and math.isfinite(summary["val_loss"])

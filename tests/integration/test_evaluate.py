@@ -12,12 +12,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from raylm.artifacts import stage_output
 from raylm.config import load_config
 from raylm.errors import InputError
-from raylm.evaluate.report import run_evaluate
 from raylm.model.artifact import save_model
 from raylm.model.gpt import GPT, build_config
 from raylm.model.quantized import quantize_gpt, save_quantized
 from raylm.tokenize.packing import packed_split
 from raylm.tokenize.shards import write_token_data
+from raylm.stages import run_stage
 
 SEQ_LEN = 32
 TEXT = (
@@ -80,7 +80,7 @@ def config(root, tokens, models: dict, name: str = "evaluate"):
 
 def test_evaluate_writes_a_row_per_model(ray_local, workspace):
     root, tokens, models = workspace
-    summary = run_evaluate(config(root, tokens, models))
+    summary = run_stage("evaluate", config(root, tokens, models))
     results = json.loads((root / "evaluate" / "results.json").read_text())
     rows = {r["name"]: r for r in results["models"]}
     assert list(rows) == ["base", "small", "base-int8"]
@@ -97,7 +97,7 @@ def test_evaluate_writes_a_row_per_model(ray_local, workspace):
     assert all(name in table for name in models) and "tokens/s" in table
     assert summary["output"] == str(root / "evaluate")
     assert summary["models"]["base-int8"]["ppl"] == rows["base-int8"]["ppl"]
-    again = run_evaluate(config(root, tokens, models))  # same config and inputs: read back, nothing recomputed
+    again = run_stage("evaluate", config(root, tokens, models))  # same config and inputs: read back, nothing recomputed
     assert again["models"] == summary["models"]
 
 
@@ -105,6 +105,6 @@ def test_missing_model_is_an_input_error_naming_the_path(ray_local, workspace):
     root, tokens, models = workspace
     missing = str(root / "nowhere" / "model")
     with pytest.raises(InputError, match="not found") as e:
-        run_evaluate(config(root, tokens, {"base": models["base"], "ghost": missing}, name="evaluate-missing"))
+        run_stage("evaluate", config(root, tokens, {"base": models["base"], "ghost": missing}, name="evaluate-missing"))
     assert missing in str(e.value) and "ghost" in str(e.value) and "\n" not in str(e.value)
     assert not (root / "evaluate-missing").exists()

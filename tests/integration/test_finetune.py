@@ -21,9 +21,9 @@ from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import load_model
 from raylm.model.generate import generate
 from raylm.model.lora import LoRALinear
-from raylm.tokenize.pipeline import run_tokenize
 from raylm.tokenize.shards import read_token_meta
-from raylm.train.trainer import build_trainer, run_train
+from raylm.train.trainer import build_trainer
+from raylm.stages import run_stage
 
 
 SEQ_LEN = 32  # the make_tokens fixture's sequence length
@@ -60,7 +60,7 @@ def base(ray_local, make_tokens, tmp_path_factory):
         f"--train.eval_interval_steps={BASE_STEPS}",
         f"--train.checkpoint_interval_steps={BASE_STEPS}",
     ))  # fmt: skip
-    return cfg, run_train(cfg)
+    return cfg, run_stage("train", cfg)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def continued(base):
         "--train.optimizer.lr=3e-4", "--train.optimizer.warmup_steps=0", "--train.eval_interval_steps=4",
         "--train.checkpoint_interval_steps=4",
     ))  # fmt: skip
-    return more, run_train(more)
+    return more, run_stage("train", more)
 
 
 def _sft_examples() -> list[dict]:
@@ -101,8 +101,8 @@ def sft(base):
         "--train.optimizer.min_lr_ratio=0.5", "--train.optimizer.weight_decay=0.0", "--train.optimizer.warmup_steps=3",
         "--train.eval_interval_steps=30", "--train.checkpoint_interval_steps=60",
     ))  # fmt: skip
-    tokens = run_tokenize(sft_cfg)
-    return sft_cfg, tokens, run_train(sft_cfg)
+    tokens = run_stage("tokenize", sft_cfg)
+    return sft_cfg, tokens, run_stage("train", sft_cfg)
 
 
 def test_continued_pretraining_starts_where_the_base_left_off(base, continued):

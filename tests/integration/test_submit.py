@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,14 +18,8 @@ import pytest
 from raylm.runtime import local_system_config
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(free_port):
     """A real Ray head started with `ray start --head --block` in its own temp dir; killed by that dir afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="rlm", dir="/tmp")  # short: Ray's socket paths live under it
     port, dash = free_port(), free_port()
@@ -79,9 +72,9 @@ def test_submit_prepare_runs_on_the_cluster(ray_head, repo_root, tmp_path):
     # The job shows in the cluster's own job list, as a user would check with `ray job list`.
     from ray.job_submission import JobSubmissionClient
 
-    from raylm.cluster.submit import _auth_headers
+    from raylm.cluster.submit import auth_headers
 
-    jobs = JobSubmissionClient(ray_head, headers=_auth_headers()).list_jobs()
+    jobs = JobSubmissionClient(ray_head, headers=auth_headers()).list_jobs()
     assert any(str(j.status.value) == "SUCCEEDED" and "jobs/prepare.py" in j.entrypoint for j in jobs)
 
 
@@ -97,7 +90,7 @@ def test_submit_failing_stage_exits_nonzero(ray_head, repo_root, tmp_path):
 
 
 @pytest.mark.slow  # ~80 s: a fresh cluster starts Serve's controller, proxy and replicas
-def test_serve_deploy_runs_the_generated_serve_config(ray_head, repo_root, tmp_path, tiny_gpt):
+def test_serve_deploy_runs_the_generated_serve_config(ray_head, repo_root, tmp_path, tiny_gpt, free_port):
     """`raylm serve-config` writes a file Ray's own `serve deploy` puts on the cluster; the API then answers."""
     import httpx
 

@@ -15,8 +15,8 @@ from raylm.artifacts import read_manifest, stage_output
 from raylm.config import load_config
 from raylm.errors import ConfigError, InputError
 from raylm.tokenize.bpe import load_tokenizer
-from raylm.tokenize.pipeline import run_tokenize
 from raylm.tokenize.shards import SPLITS, document_starts, read_split_numpy, read_token_meta
+from raylm.stages import run_stage
 
 SEQ_LEN = 32
 SHARD_ROWS = 50
@@ -69,7 +69,7 @@ def corpus(tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def tokenized(ray_local, corpus) -> dict:
     cfg = make_config(corpus["root"], corpus["prepared"], corpus["root"] / "tokens")
-    summary = run_tokenize(cfg)
+    summary = run_stage("tokenize", cfg)
     return {"cfg": cfg, "summary": summary, "path": Path(summary["output"])}
 
 
@@ -129,7 +129,7 @@ def test_ray_data_reads_the_shards_as_they_are(tokenized):
 
 def test_rerun_with_the_same_config_is_a_noop(tokenized):
     before = {f: f.stat().st_mtime_ns for f in tokenized["path"].rglob("*")}
-    again = run_tokenize(tokenized["cfg"])
+    again = run_stage("tokenize", tokenized["cfg"])
     assert again["reused"] is True and tokenized["summary"]["reused"] is False
     assert again["num_sequences"] == tokenized["summary"]["num_sequences"]
     assert {f: f.stat().st_mtime_ns for f in tokenized["path"].rglob("*")} == before
@@ -138,7 +138,7 @@ def test_rerun_with_the_same_config_is_a_noop(tokenized):
 def test_outputs_are_byte_identical_across_runs_and_actor_counts(tokenized, corpus):
     other = corpus["root"] / "tokens-again"
     cfg = make_config(corpus["root"], corpus["prepared"], other, "tokenize.encode_actors=1", "tokenize.batch_size=50")
-    run_tokenize(cfg)
+    run_stage("tokenize", cfg)
     first = {f.relative_to(tokenized["path"]): f.read_bytes() for f in tokenized["path"].rglob("*") if f.is_file()}
     second = {f.relative_to(other): f.read_bytes() for f in other.rglob("*") if f.is_file()}
     assert first.keys() == second.keys()
@@ -156,23 +156,23 @@ def test_bad_inputs_and_configs_are_one_line_errors(corpus, tmp_path):
     cfg = make_config(tmp_path, corpus["prepared"], tmp_path / "t")
     small = cfg.model_copy(update={"tokenize": cfg.tokenize.model_copy(update={"vocab_size": 256})})
     with pytest.raises(ConfigError, match="vocab_size: 256 is too small"):
-        run_tokenize(small)
+        run_stage("tokenize", small)
     with pytest.raises(InputError, match="not found"):
-        run_tokenize(make_config(tmp_path, tmp_path / "nothing", tmp_path / "t"))
+        run_stage("tokenize", make_config(tmp_path, tmp_path / "nothing", tmp_path / "t"))
     empty = write_prepared(tmp_path / "empty", {"train": [[]], "validation": [["a document"]]})
     with pytest.raises(InputError, match="train split has no documents"):
-        run_tokenize(make_config(tmp_path, empty, tmp_path / "t"))
+        run_stage("tokenize", make_config(tmp_path, empty, tmp_path / "t"))
     no_validation = write_prepared(tmp_path / "noval", {"train": [["a document"]], "validation": [[]]})
     with pytest.raises(InputError, match="validation split has no documents .*validation_fraction"):
-        run_tokenize(make_config(tmp_path, no_validation, tmp_path / "t"))
+        run_stage("tokenize", make_config(tmp_path, no_validation, tmp_path / "t"))
     with pytest.raises(InputError, match=r"validation split's 40 documents hold \d+ tokens, too few for one sequence"):
-        run_tokenize(make_config(tmp_path, corpus["prepared"], tmp_path / "t", "tokenize.seq_len=4096"))
+        run_stage("tokenize", make_config(tmp_path, corpus["prepared"], tmp_path / "t", "tokenize.seq_len=4096"))
     with pytest.raises(InputError, match="no tokenizer in this directory"):
-        run_tokenize(make_config(tmp_path, corpus["prepared"], tmp_path / "t", f"tokenize.tokenizer={tmp_path}"))
+        run_stage("tokenize", make_config(tmp_path, corpus["prepared"], tmp_path / "t", f"tokenize.tokenizer={tmp_path}"))
     numbers = write_prepared(tmp_path / "numbers", {"train": [["a document"]]})
     pq.write_table(pa.table({"id": ["x"], "text": [3]}), numbers / "train" / "part-00001.parquet")
     with pytest.raises(InputError, match=r"part-00001.parquet: column `text` holds int64, expected strings"):
-        run_tokenize(make_config(tmp_path, numbers, tmp_path / "t"))
+        run_stage("tokenize", make_config(tmp_path, numbers, tmp_path / "t"))
     assert not (tmp_path / "t").exists()
 
 
@@ -180,7 +180,7 @@ def test_long_documents_in_pieces_give_the_same_shards(tokenized, corpus):
     """Cutting documents into pieces of at most 64 characters spreads them over actors and changes no byte."""
     other = corpus["root"] / "tokens-pieces"
     cfg = make_config(corpus["root"], corpus["prepared"], other, "tokenize.max_piece_chars=64")
-    stats = run_tokenize(cfg)
+    stats = run_stage("tokenize", cfg)
     assert stats["pieces"]["train"] > stats["documents"]["train"] == len(corpus["docs"]["train"])
     for f in tokenized["path"].rglob("*.npy"):
         assert (other / f.relative_to(tokenized["path"])).read_bytes() == f.read_bytes(), f
@@ -194,7 +194,7 @@ def test_gpt2_tokenizer_files_encode_like_tokenizers_itself(corpus, gpt2_files, 
     docs = demo_texts[:60]
     prepared = write_prepared(root / "prepared-gpt2", {"train": [docs[:50]], "validation": [docs[50:]]})
     cfg = make_config(root, prepared, root / "tokens-gpt2", f"tokenize.tokenizer={gpt2_files}", "tokenize.seq_len=128")
-    stats = run_tokenize(cfg)
+    stats = run_stage("tokenize", cfg)
     meta = read_token_meta(stats["output"])
     assert meta.vocab_size == 50257 and meta.eos_token_id == 50256 and meta.dtype == "uint16"
     assert stats["tokenizer"] == str(gpt2_files) and stats["tokenizer_documents"] == 0

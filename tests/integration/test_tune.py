@@ -15,7 +15,7 @@ from raylm.artifacts import stage_output
 from raylm.config import load_config
 from raylm.tokenize.packing import packed_split
 from raylm.tokenize.shards import write_token_data
-from raylm.tune.sweep import run_tune
+from raylm.stages import run_stage
 
 SEQ_LEN = 32
 WORDS = "the a king queen knight sword castle river rides sees holds crosses under over near bright dark old".split()
@@ -82,7 +82,7 @@ def swept(ray_local, tmp_path_factory):
     config_file = root / "run.yaml"
     config_file.write_text(RUN_YAML.format(root=root, tokens=make_tokens(root)))
     cfg = load_config(config_file)
-    return cfg, run_tune(cfg)
+    return cfg, run_stage("tune", cfg)
 
 
 def test_leaderboard_has_a_ranked_row_per_trial(swept):
@@ -130,7 +130,7 @@ def test_sweep_plot_and_manifest_are_written_and_a_rerun_is_a_no_op(swept):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     manifest = json.loads(open(f"{cfg.tune.output}/manifest.json").read())
     assert manifest["stage"] == "tune" and manifest["stats"]["best_trial"] == summary["best_trial"]
-    again = run_tune(cfg)
+    again = run_stage("tune", cfg)
     assert again["best_trial"] == summary["best_trial"] and again["output"] == summary["output"]
 
 

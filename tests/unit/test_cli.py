@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from raylm.cli import STAGES
+from raylm.stages import STAGES
 
 
 def raylm(python, repo_root, *args, env=None):
@@ -55,9 +55,7 @@ def test_submit_to_unreachable_cluster(python, repo_root):
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_stage_has_a_runnable_job_entrypoint(python, repo_root, stage):
-    from raylm.cluster.submit import job_script
-
-    r = subprocess.run([python, job_script(stage), "--help"], cwd=repo_root, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([python, STAGES[stage].job, "--help"], cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"usage: raylm {stage}" in r.stdout
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
+import ray
 import torch
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from raylm.compress.quantize import run_quantize
 from raylm.config import load_config
 from raylm.errors import InputError
 from raylm.model.artifact import load_model, save_model
 from raylm.model.generate import generate
 from raylm.model.gpt import GPT, build_config
 from raylm.model.quantized import quantize_gpt, save_quantized
+from raylm.stages import run_stage
 
 VOCAB = 97
 
@@ -116,7 +117,7 @@ def config(tmp_path, source, *extra):
 
 def test_quantize_stage_writes_a_loadable_model_with_sizes(float_model, tokenizer_file, tmp_path, idx):
     source = save_model(tmp_path / "train" / "model", float_model, tokenizer_file, eos_token_id=0)
-    summary = run_quantize(config(tmp_path, source))
+    summary = run_stage("quantize", config(tmp_path, source))
     model_dir = tmp_path / "quantize" / "model"
     assert summary["model"] == str(model_dir)
     assert 0 < summary["size_bytes_after"] < summary["size_bytes_before"]
@@ -124,20 +125,21 @@ def test_quantize_stage_writes_a_loadable_model_with_sizes(float_model, tokenize
     loaded = load_model(model_dir)
     assert loaded.eos_token_id == 0
     assert relative_error(logits(float_model, idx), logits(loaded.model, idx)) < 0.1
-    again = run_quantize(config(tmp_path, source))  # same config and input: nothing to do
+    again = run_stage("quantize", config(tmp_path, source))  # same config and input: nothing to do
     assert again["size_bytes_after"] == summary["size_bytes_after"]
+    assert not ray.is_initialized()  # a stage of this process alone: `raylm quantize` starts no Ray
 
 
 def test_quantize_stage_rejects_bad_inputs_in_one_line(float_model, tokenizer_file, tmp_path):
     with pytest.raises(InputError, match="not found") as e:
-        run_quantize(config(tmp_path, tmp_path / "missing"))
+        run_stage("quantize", config(tmp_path, tmp_path / "missing"))
     assert "\n" not in str(e.value) and str(tmp_path / "missing") in str(e.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not an exported raylm model"):
-        run_quantize(config(tmp_path, tmp_path / "empty"))
+        run_stage("quantize", config(tmp_path, tmp_path / "empty"))
     q8 = save_quantized(tmp_path / "int8", quantize_gpt(float_model), tokenizer_file)
     with pytest.raises(InputError, match="already quantized"):
-        run_quantize(config(tmp_path, q8))
+        run_stage("quantize", config(tmp_path, q8))
     assert not (tmp_path / "quantize").exists()
 
 

@@ -14,7 +14,8 @@ from raylm.errors import InputError
 from raylm.model.gpt import GPT, GPTConfig
 from raylm.tokenize.config import SftDataConfig
 from raylm.tokenize.shards import TokenSplit, check_same_tokenizer, read_token_meta
-from raylm.tokenize.sft import example_row, masked_targets, run_sft_tokenize
+from raylm.tokenize.sft import example_row, run_sft_tokenize
+from raylm.train.objectives import masked_targets
 
 EOS = 0
 ASSET = Path(__file__).resolve().parents[2] / "platform/raylm/assets/sft_demo/examples.jsonl"
@@ -78,6 +79,11 @@ def base_tokenizer(tmp_path_factory) -> Path:
     return d
 
 
+def _sft_tokenize(cfg) -> dict:
+    """The tokenize stage of `cfg` (format sft), run in this process: it needs no Ray."""
+    return run_sft_tokenize(cfg.tokenize, cfg.context())
+
+
 def _config(tmp_path: Path, data: Path, tokenizer: Path, *extra: str):
     return load_config(None, [
         "--prepare.input=unused", f"--run.workdir={tmp_path}", "--tokenize.format=sft", f"--tokenize.input={data}",
@@ -89,7 +95,7 @@ def test_the_sft_stage_writes_token_data_with_aligned_loss_masks(tmp_path, base_
     from tokenizers import Tokenizer
 
     cfg = _config(tmp_path, "package:sft_demo", base_tokenizer)  # the bundled examples
-    summary = run_sft_tokenize(cfg)
+    summary = _sft_tokenize(cfg)
     records = [json.loads(line) for line in ASSET.read_text().splitlines()]
     assert summary["format"] == "sft" and summary["loss_mask"] is True
     assert sum(summary["examples"].values()) == len(records) and summary["examples"]["validation"] > 0
@@ -114,7 +120,7 @@ def test_the_sft_stage_writes_token_data_with_aligned_loss_masks(tmp_path, base_
             assert by_prompt[prompt] == completion and row[end - 1] == eos and (row[end:] == eos).all()
             seen += 1
     assert seen == len(records)
-    assert run_sft_tokenize(cfg)["reused"] is True  # same config and input: nothing is redone
+    assert _sft_tokenize(cfg)["reused"] is True  # same config and input: nothing is redone
 
 
 def test_bad_lines_are_refused_with_file_and_line_or_skipped_and_counted(tmp_path, base_tokenizer):
@@ -122,8 +128,8 @@ def test_bad_lines_are_refused_with_file_and_line_or_skipped_and_counted(tmp_pat
     good = [json.dumps({"prompt": f"Q: what is {i}+1? A:", "completion": f" {i + 1}"}) for i in range(10)]
     data.write_text("\n".join(good[:3] + ['{"prompt": "Q: broken', *good[3:6], '{"prompt": "no completion"}', *good[6:]]) + "\n")
     with pytest.raises(InputError, match=rf"{data}:4: invalid JSON"):
-        run_sft_tokenize(_config(tmp_path, data, base_tokenizer))
-    summary = run_sft_tokenize(_config(tmp_path, data, base_tokenizer, "--tokenize.sft.on_error=skip"))
+        _sft_tokenize(_config(tmp_path, data, base_tokenizer))
+    summary = _sft_tokenize(_config(tmp_path, data, base_tokenizer, "--tokenize.sft.on_error=skip"))
     assert summary["skipped_bad_lines"] == 2 and sum(summary["examples"].values()) == 10
     assert summary["bad_lines"][1].startswith(f"{data}:8: 'completion' must be a non-empty string, got missing")
 

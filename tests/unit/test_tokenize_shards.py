@@ -11,7 +11,7 @@ import pytest
 from raylm.artifacts import read_manifest, stage_output
 from raylm.errors import ConfigError, InputError
 from raylm.tokenize.bpe import train_tokenizer
-from raylm.tokenize.ingest import DataPosition, SequenceOrder, sample_checksum
+from raylm.train.ingest import DataPosition, SequenceOrder, sample_checksum
 from raylm.tokenize.packing import packed_split
 from raylm.tokenize.shards import (
     TokenSplit, check_same_tokenizer, document_starts, read_split_numpy, read_token_meta, row_document_starts,

@@ -67,7 +67,7 @@ def test_sweep_plot_is_a_png_even_with_failed_trials(cfg, tmp_path):
 
 def test_best_config_is_a_loadable_run_config_with_the_best_params(cfg, tmp_path):
     best = rank_trials(records(), cfg.tune)[0]
-    write_best_config(cfg, best, tmp_path / "best_config.yaml")
+    write_best_config(cfg.resolved_yaml(), cfg.train, best, tmp_path / "best_config.yaml")
     loaded = load_config(tmp_path / "best_config.yaml")
     assert loaded.train.optimizer.lr == 3e-3 and loaded.train.optimizer.warmup_steps == 3
     assert loaded.train.max_steps == cfg.train.max_steps and loaded.tune == cfg.tune

@@ -14,7 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from ray.job_submission import JobSubmissionClient
+
+import raylm
+from raylm.config import load_config
 from raylm.errors import ConfigError, RaylmError
+from raylm.stages import STAGES
+from raylm.storage import is_uri
 
 # Never upload these with the working directory: environments, outputs, caches.
 EXCLUDES = [".venv", "venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "*.tmp-*"]
@@ -22,8 +28,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def job_script(stage: str) -> str:
-    """The entrypoint under jobs/ for a stage (tokenize's avoids shadowing the standard `tokenize` module)."""
-    return "jobs/tokenize_job.py" if stage == "tokenize" else f"jobs/{stage}.py"
+    """The Ray job entrypoint of a stage, relative to the checkout (raylm.stages.STAGES)."""
+    return STAGES[stage].job
 
 
 def project_root() -> Path:
@@ -39,15 +45,13 @@ def project_root() -> Path:
 
 def _job_overrides(config: str, overrides: list[str]) -> list[str]:
     """Make run.workdir absolute so outputs land where the user expects, not in the job's temporary working dir."""
-    from raylm.config import load_config
-
     workdir = load_config(config, overrides).run.workdir
-    if "://" in workdir or os.path.isabs(workdir):
+    if is_uri(workdir) or os.path.isabs(workdir):
         return list(overrides)
     return [*overrides, f"--run.workdir={os.path.abspath(workdir)}"]
 
 
-def _auth_headers() -> dict[str, str]:
+def auth_headers() -> dict[str, str]:
     """Bearer header for clusters with Ray's token authentication: RAY_AUTH_TOKEN, else ~/.ray/auth_token."""
     if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
@@ -58,14 +62,12 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _client(address: str | None):
-    from ray.job_submission import JobSubmissionClient
-
+def jobs_client(address: str | None):
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise ConfigError("no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
     try:
-        return JobSubmissionClient(address, headers=_auth_headers()), address
+        return JobSubmissionClient(address, headers=auth_headers()), address
     except Exception as e:  # the SDK raises ConnectionError, RuntimeError or ValueError by cause
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise RaylmError(f"cannot reach the Ray Jobs API at {address}: {first}") from None
@@ -73,22 +75,20 @@ def _client(address: str | None):
 
 def submit_stage(stage: str, config: str, overrides: list[str], address: str | None = None, wait: bool = True) -> int:
     """Submit one stage as a Ray job; print its id; follow its logs until it ends. Returns the exit code."""
-    import raylm
-
     root = project_root()
     config_path = Path(config).resolve()
     try:
         config_rel = config_path.relative_to(root)
     except ValueError:
         raise ConfigError(f"{config}: the config must live inside the submitted directory {root}") from None
-    client, address = _client(address)
+    client, address = jobs_client(address)
     args = " ".join(shlex.quote(a) for a in [job_script(stage), "--config", str(config_rel), *_job_overrides(config, overrides)])
     runtime_env = {
         "working_dir": str(root),
         "py_modules": [str(Path(raylm.__file__).parent)],
         "excludes": EXCLUDES,
     }
-    job_id = _submit_with_retry(client, f"python {args}", runtime_env, address)
+    job_id = submit_with_retry(client, f"python {args}", runtime_env, address)
     print(f"submitted raylm {stage} as Ray job {job_id} to {address}", flush=True)
     if not wait:
         return 0
@@ -98,7 +98,7 @@ def submit_stage(stage: str, config: str, overrides: list[str], address: str | N
     return 0 if status == "SUCCEEDED" else 1
 
 
-def _submit_with_retry(client, entrypoint: str, runtime_env: dict, address: str, timeout_s: float = 60.0) -> str:
+def submit_with_retry(client, entrypoint: str, runtime_env: dict, address: str, timeout_s: float = 60.0) -> str:
     """Submit, retrying while a just-started cluster has no job agent yet (HTTP 500 "No available agent")."""
     deadline = time.time() + timeout_s
     while True:

@@ -15,7 +15,6 @@ teacher's. The student takes the teacher's vocabulary and block size.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -25,9 +24,10 @@ from pydantic import ValidationError
 
 from raylm.artifacts import stage_output
 from raylm.compress.config import DistillConfig
+from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import TOKENIZER, load_model, read_model_meta
-from raylm.model.gpt import GPTConfig
+from raylm.model.config import GPTConfig
 from raylm.tokenize.shards import check_same_tokenizer, read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer, fit_to_output, ray_storage, stage_config
@@ -124,15 +124,8 @@ def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
         )
 
 
-def run_distill(cfg) -> dict:
-    """The distill stage: train `cfg.distill.student` against `cfg.distill.teacher`; export `<distill.output>/model`."""
-    import ray
-
-    from raylm.runtime import init_ray
-
-    if not ray.is_initialized():
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    dc = cfg.distill
+def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
+    """The distill stage: train `dc.student` against `dc.teacher`; export `<distill.output>/model`."""
     teacher_meta = read_model_meta(dc.teacher)
     if teacher_meta.get("quantization"):
         raise InputError(f"{dc.teacher}: a quantized model cannot teach; point distill.teacher at a float model")
@@ -140,18 +133,18 @@ def run_distill(cfg) -> dict:
     train_cfg = student_train_config(dc)
     _check_teacher(dc, teacher)
     student = student_model_config(dc, teacher)
-    run_name = f"{cfg.run.name}-distill"
+    run_name = f"{ctx.name}-distill"
     inputs = [dc.teacher, dc.data]
-    with stage_output(dc.output, "distill", stage_config(dc, cfg.run.seed), inputs, cfg.run.overwrite) as out:
+    with stage_output(dc.output, "distill", stage_config(dc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": str(out.path)}
         storage = ray_storage(dc.output, out.manifest["fingerprint"])
-        teacher_dir = os.path.abspath(dc.teacher)
+        teacher_dir = ctx.path(dc.teacher)
         trainer = build_trainer(
             train_cfg,
             run_name=run_name,
             storage_path=str(storage),
-            seed=cfg.run.seed,
+            seed=ctx.seed,
             model=student,
             loss_hook=DistillationLoss(teacher_dir, dc.temperature, dc.alpha),
             export_extra={"distilled_from": teacher_dir, "temperature": dc.temperature, "alpha": dc.alpha},

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from raylm.artifacts import require_path, stage_output
-from raylm.config import RaylmConfig
+from raylm.compress.config import QuantizeConfig
+from raylm.context import RunContext
 from raylm.errors import InputError, RaylmError
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
 from raylm.model.quantized import count_parameters, quantize_gpt, save_quantized
@@ -53,13 +54,12 @@ def compare_logits(reference: torch.nn.Module, other: torch.nn.Module, vocab_siz
     }
 
 
-def run_quantize(cfg: RaylmConfig) -> dict:
-    """Quantize `cfg.quantize.input` to int8 and write it to `cfg.quantize.output/model`; return a summary."""
-    qcfg = cfg.quantize
+def run_quantize(qcfg: QuantizeConfig, ctx: RunContext) -> dict:
+    """The quantize stage: `qcfg.input` to int8, written to `qcfg.output/model`; returns a summary."""
     check_source(qcfg.input)
-    with stage_output(qcfg.output, "quantize", qcfg, inputs=[qcfg.input], overwrite=cfg.run.overwrite) as out:
+    with stage_output(qcfg.output, "quantize", qcfg, inputs=[qcfg.input], overwrite=ctx.overwrite) as out:
         if not out.done:
-            out.stats = _quantize(qcfg.input, out.tmp / "model", tied_embedding=qcfg.tied_embedding, seed=cfg.run.seed)
+            out.stats = _quantize(qcfg.input, out.tmp / "model", tied_embedding=qcfg.tied_embedding, seed=ctx.seed)
     stats = out.manifest.get("stats") or out.stats
     return {"output": str(out.path), "model": str(out.path / "model"), **stats}
 

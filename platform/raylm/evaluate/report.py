@@ -23,13 +23,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from raylm.artifacts import stage_output, write_json_atomic
-from raylm.config import RaylmConfig
+from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError, RaylmError
 from raylm.evaluate.config import EvaluateConfig
 from raylm.evaluate.perplexity import perplexity_metrics, sum_cross_entropy
@@ -164,24 +165,17 @@ def _caption(ecfg: EvaluateConfig, rows: list[dict]) -> str:
     )
 
 
-def run_evaluate(cfg: RaylmConfig) -> dict:
-    """Score every model of `cfg.evaluate.models`; write results.json and table.txt; return a summary."""
-    import ray
-
-    from raylm.runtime import init_ray
-
-    ecfg = cfg.evaluate
+def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
+    """The evaluate stage: score every model of `ecfg.models`; write results.json and table.txt; return a summary."""
     if not ecfg.models:
         raise ConfigError("evaluate.models: no models to evaluate")
     check_inputs(ecfg)
-    if not ray.is_initialized():
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
     cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
     if ecfg.num_threads > cpus:
         raise ConfigError(f"evaluate.num_threads: {ecfg.num_threads} exceeds the {cpus:g} CPUs of the largest Ray node")
     console = Console()
     inputs = [ecfg.data, *ecfg.models.values()]
-    with stage_output(ecfg.output, "evaluate", ecfg, inputs=inputs, overwrite=cfg.run.overwrite) as out:
+    with stage_output(ecfg.output, "evaluate", ecfg, inputs=inputs, overwrite=ctx.overwrite) as out:
         if out.done:
             console.print((out.path / TABLE).read_text().rstrip(), markup=False, highlight=False)
             return _summary(out.path, out.manifest.get("stats", {}))
@@ -205,8 +199,6 @@ def _summary(path: Path, stats: dict) -> dict:
 
 def _run_task(name: str, path: str, ecfg: EvaluateConfig, console: Console) -> dict:
     """One model's row from a Ray task; waits for it, so the next model is timed on idle cores."""
-    import ray
-
     gpus = 1 if ecfg.device == "cuda" and not read_model_meta(path).get("quantization") else 0
     task = ray.remote(evaluate_model).options(num_cpus=ecfg.num_threads, num_gpus=gpus, name=f"evaluate:{name}")
     with console.status(f"evaluating {name} ({path})"):

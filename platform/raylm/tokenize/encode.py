@@ -20,6 +20,7 @@ import re
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tokenizers import Tokenizer
 
 TEXT_COLUMN = "text"
 LAST_COLUMN = "last"
@@ -63,8 +64,6 @@ class EncodeDocuments:
         # in every actor. The pool starts at the first encode, so setting its size here takes effect
         # (a per-actor runtime_env would too, but costs seconds of worker start-up).
         os.environ["RAYON_NUM_THREADS"] = str(num_threads)
-        from tokenizers import Tokenizer
-
         # The tokenizer travels as its JSON text, so actors on other nodes need no shared filesystem.
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         # A document that contains the literal text of a special token gets that text's bytes,

@@ -9,7 +9,7 @@ with end-of-text ids, and a loss mask of the same shape:
     mask   0  0  0  0  1  1  1   0   0  ...     1: the id is a training target
 
 The train stage shifts rows into inputs row[:-1] and targets row[1:], and a target whose
-mask is 0 becomes -100, which the GPT's cross-entropy ignores (`masked_targets`): the model
+mask is 0 becomes -100, which the GPT's cross-entropy ignores (raylm.train.objectives.masked_targets): the model
 learns to produce the completion and to stop, never to predict the prompt. Prompt and
 completion are encoded separately, so the boundary is exact and a prompt encoded at inference
 is the prompt the model was trained on.
@@ -33,6 +33,8 @@ from typing import Iterator
 import numpy as np
 
 from raylm.artifacts import stage_output
+from raylm.context import RunContext
+from raylm.data.sources import resolve_input
 from raylm.data.split import split_of
 from raylm.errors import InputError
 from raylm.tokenize.bpe import eos_token_id, load_existing_tokenizer
@@ -70,8 +72,6 @@ class SftCounts:
 
 def input_files(path: str) -> list[Path]:
     """The JSONL file itself, or the sorted *.jsonl files of a directory (`package:sft_demo`: the bundled examples)."""
-    from raylm.data.readers import resolve_input
-
     p = Path(resolve_input(path))
     if p.is_file():
         return [p]
@@ -197,23 +197,14 @@ def encode_examples(
     return out
 
 
-def masked_targets(targets, loss_mask):
-    """Targets (B, T) with -100 (ignored by the loss) where the loss mask (B, T + 1) of their rows is 0.
-
-    Target j of a row is id j + 1, so it takes mask column j + 1.
-    """
-    return targets.masked_fill(loss_mask[:, 1:] == 0, -100)
-
-
-def run_sft_tokenize(cfg) -> dict:
-    """The tokenize stage for format sft: encode `tokenize.input` with `tokenize.tokenizer`; returns a summary."""
-    tc: TokenizeConfig = cfg.tokenize
+def run_sft_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
+    """The tokenize stage for format sft: encode `tc.input` with `tc.tokenizer`; returns a summary."""
     files = input_files(tc.input)
-    config = {**json.loads(tc.model_dump_json()), "seed": cfg.run.seed}  # the split depends on the seed
-    with stage_output(tc.output, "tokenize", config, inputs=[tc.input, tc.tokenizer], overwrite=cfg.run.overwrite) as out:
+    config = {**json.loads(tc.model_dump_json()), "seed": ctx.seed}  # the split depends on the seed
+    with stage_output(tc.output, "tokenize", config, inputs=[tc.input, tc.tokenizer], overwrite=ctx.overwrite) as out:
         if out.done:
             return {"output": str(out.path), "reused": True, **out.manifest.get("stats", {})}
-        out.stats = write_sft_data(tc, files, out.tmp, cfg.run.seed)
+        out.stats = write_sft_data(tc, files, out.tmp, ctx.seed)
     return {"output": str(out.path), "reused": False, **out.stats}
 
 

@@ -1,10 +1,12 @@
-"""Config of the tune stage: a Bayesian (TPE) search with ASHA early stopping."""
+"""Config of the tune stage: a Bayesian (TPE) search with ASHA early stopping, over dotted train config keys."""
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from raylm.configbase import ConfigSection
+from raylm.train.config import TrainConfig
 
 
 class SearchDimension(ConfigSection):
@@ -26,6 +28,49 @@ class SearchDimension(ConfigSection):
         elif self.type == "int" and not (float(self.low).is_integer() and float(self.high).is_integer()):
             raise ValueError("an int dimension needs whole-number low and high")
         return self
+
+
+# Train keys the tune stage sets for every trial, and the tune key that controls each instead.
+TUNE_OWNED_KEYS = {
+    "data": "train.data",
+    "output": "tune.output",
+    "max_steps": "tune.max_steps_per_trial",
+    "num_workers": "tune.num_workers_per_trial",
+    "eval_interval_steps": "tune.evals_per_trial",
+}
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
+def train_field(key: str) -> FieldInfo:
+    """The TrainConfig field a dotted search key names, or a ValueError saying why it names none."""
+    model: type[BaseModel] = TrainConfig
+    *parents, leaf = key.split(".")
+    for i, part in enumerate(parents):
+        field = model.model_fields.get(part)
+        section = _section_type(field.annotation) if field else None
+        if section is None:
+            where = ".".join(parents[: i + 1])
+            raise ValueError(f"search key {key!r}: train.{where} is not a section of the train config")
+        model = section
+    field = model.model_fields.get(leaf)
+    if field is None:
+        known = ", ".join(sorted(model.model_fields))
+        raise ValueError(f"search key {key!r}: no such train config key (keys here: {known})")
+    section = _section_type(field.annotation)
+    if section is not None:
+        raise ValueError(f"search key {key!r} is a section; search one of its keys, e.g. {key}.{next(iter(section.model_fields))}")
+    if not parents and leaf in TUNE_OWNED_KEYS:
+        raise ValueError(f"search key {key!r} is set by the tune stage for every trial (see {TUNE_OWNED_KEYS[leaf]})")
+    return field
+
+
+def check_search_keys(space: dict[str, SearchDimension]) -> None:
+    """Raise a ValueError naming the first key of `space` that is not a searchable train config key."""
+    for key in space:
+        train_field(key)
 
 
 class TuneConfig(ConfigSection):
@@ -60,7 +105,12 @@ class TuneConfig(ConfigSection):
     @field_validator("search_space")
     @classmethod
     def _known_train_keys(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
-        from raylm.tune.search_space import check_search_keys
-
         check_search_keys(space)
         return space
+
+
+class TuneJob(ConfigSection):
+    """What the tune stage runs: the sweep's settings and the train config whose keys it searches."""
+
+    tune: TuneConfig
+    train: TrainConfig

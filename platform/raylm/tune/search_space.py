@@ -18,55 +18,12 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
+from ray import tune
 
 from raylm.errors import ConfigError
 from raylm.train.config import TrainConfig
-from raylm.tune.config import SearchDimension, TuneConfig
-
-# Train keys the tune stage sets for every trial, and the tune key that controls each instead.
-TUNE_OWNED_KEYS = {
-    "data": "train.data",
-    "output": "tune.output",
-    "max_steps": "tune.max_steps_per_trial",
-    "num_workers": "tune.num_workers_per_trial",
-    "eval_interval_steps": "tune.evals_per_trial",
-}
-
-
-def _section_type(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
-
-
-def train_field(key: str) -> FieldInfo:
-    """The TrainConfig field a dotted search key names, or a ValueError saying why it names none."""
-    model: type[BaseModel] = TrainConfig
-    *parents, leaf = key.split(".")
-    for i, part in enumerate(parents):
-        field = model.model_fields.get(part)
-        section = _section_type(field.annotation) if field else None
-        if section is None:
-            where = ".".join(parents[: i + 1])
-            raise ValueError(f"search key {key!r}: train.{where} is not a section of the train config")
-        model = section
-    field = model.model_fields.get(leaf)
-    if field is None:
-        known = ", ".join(sorted(model.model_fields))
-        raise ValueError(f"search key {key!r}: no such train config key (keys here: {known})")
-    section = _section_type(field.annotation)
-    if section is not None:
-        raise ValueError(f"search key {key!r} is a section; search one of its keys, e.g. {key}.{next(iter(section.model_fields))}")
-    if not parents and leaf in TUNE_OWNED_KEYS:
-        raise ValueError(f"search key {key!r} is set by the tune stage for every trial (see {TUNE_OWNED_KEYS[leaf]})")
-    return field
-
-
-def check_search_keys(space: dict[str, SearchDimension]) -> None:
-    """Raise a ValueError naming the first key of `space` that is not a searchable train config key."""
-    for key in space:
-        train_field(key)
-
+from raylm.tune.config import SearchDimension, TuneConfig, train_field
 
 def _accepts_float(annotation: Any) -> bool:
     if annotation is float:
@@ -78,8 +35,6 @@ def _accepts_float(annotation: Any) -> bool:
 
 def to_tune_space(space: dict[str, SearchDimension]) -> dict[str, Any]:
     """Ray Tune domains keyed by the dotted train keys; OptunaSearch converts them to Optuna distributions."""
-    from ray import tune
-
     domains: dict[str, Any] = {}
     for key, dim in space.items():
         if dim.type == "loguniform":

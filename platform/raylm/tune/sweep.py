@@ -27,11 +27,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
+from rich.table import Table
+
 from raylm.artifacts import stage_output
+from raylm.context import RunContext
 from raylm.errors import ConfigError, RaylmError
 from raylm.tokenize.shards import read_token_meta
 from raylm.train.config import TrainConfig
-from raylm.tune.config import TuneConfig
+from raylm.train.trainer import build_trainer
+from raylm.tune.config import TuneConfig, TuneJob
 from raylm.tune.search_space import (
     apply_params,
     check_search_space,
@@ -72,17 +84,11 @@ class TrialRecord:
 
 def _fit_trial(train_cfg: TrainConfig, run_name: str, storage_path: str, seed: int, callback) -> None:
     """Build and fit one trial's TorchTrainer (a Ray task started by the trial driver)."""
-    from raylm.train.trainer import build_trainer
-
     build_trainer(train_cfg, run_name=run_name, storage_path=storage_path, seed=seed, callbacks=[callback]).fit()
 
 
 def _trial_driver(params: dict, *, train: TrainConfig, tune_cfg: TuneConfig, seed: int, storage_path: str) -> None:
     """A Tune trial: the trial's train config, fitted by Ray Train, its reports relayed to Tune."""
-    import ray
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     run_name = f"trial-{tune.get_context().get_trial_id()}"
     train_cfg = trial_train_config(train, tune_cfg, params, output=os.path.join(storage_path, run_name))
     # The fit runs in a task that carries this cluster's address in RAY_ADDRESS, inherited by the
@@ -99,16 +105,11 @@ def _trial_driver(params: dict, *, train: TrainConfig, tune_cfg: TuneConfig, see
 
 
 def _searcher(tune_cfg: TuneConfig, seed: int):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
     sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=tune_cfg.tpe_startup_trials)
     return OptunaSearch(sampler=sampler)  # metric and mode come from the TuneConfig
 
 
 def _scheduler(tune_cfg: TuneConfig):
-    from ray.tune.schedulers import ASHAScheduler
-
     # Time is counted in reports (one per validation pass), so grace_period is "reports before a stop".
     return ASHAScheduler(
         time_attr="training_iteration",
@@ -120,8 +121,6 @@ def _scheduler(tune_cfg: TuneConfig):
 
 def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: Path, name: str):
     """Run the sweep with Ray Tune; returns its ResultGrid."""
-    from ray import tune
-
     driver = tune.with_parameters(
         _trial_driver, train=train, tune_cfg=tune_cfg, seed=seed, storage_path=str(root / TRIALS_DIR)
     )
@@ -154,8 +153,6 @@ def _wait_for_released_placement_groups(before: set[str], timeout_s: float = 30.
     A trial stopped by ASHA dies with its Train controller; Ray Train's cleaner removes the
     workers' placement group a moment later.
     """
-    import ray
-
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         table = ray.util.placement_group_table()
@@ -253,7 +250,7 @@ def _short_params(params: dict) -> str:
 
 def plot_sweep(records: list[TrialRecord], path: Path, title: str) -> None:
     """Validation loss against step, one line per trial; dashed with an x where ASHA stopped it."""
-    import matplotlib
+    import matplotlib  # a second of imports, for the one picture: not at module import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -277,23 +274,22 @@ def plot_sweep(records: list[TrialRecord], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_best_config(cfg, best: TrialRecord, path: Path) -> None:
-    """The resolved run config with the best trial's params applied to `train:` (full length, all workers)."""
-    best_train = apply_params(cfg.train, best.params)
-    best_cfg = cfg.model_copy(update={"train": best_train})
+def write_best_config(config_yaml: str, train: TrainConfig, best: TrialRecord, path: Path) -> None:
+    """The run config `config_yaml` (resolved YAML; "": none) with the best trial's params applied to `train:`
+    (full length, all workers): a config `raylm train` runs as it is."""
+    best_train = apply_params(train, best.params)
+    run_config = yaml.safe_load(config_yaml) if config_yaml else {}
+    run_config["train"] = json.loads(best_train.model_dump_json())
     header = (
         f"# raylm run config: the sweep's best trial ({best.trial_id}, val_loss {best.final_val_loss:.4f}"
         f" after {best.steps} steps) applied to train:\n"
         f"#   {_short_params(best.params)}\n"
         f"# Train with it: raylm train --config {path.name} (add --train.output=... to keep an earlier run)\n"
     )
-    path.write_text(header + best_cfg.resolved_yaml())
+    path.write_text(header + yaml.safe_dump(run_config, sort_keys=False))
 
 
 def _print_leaderboard(records: list[TrialRecord], tune_cfg: TuneConfig) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=f"tune: {len(records)} trials, ranked by final {tune_cfg.metric}")
     for col in ("#", "trial", *(k.rsplit(".", 1)[-1] for k in tune_cfg.search_space), "steps", "val_loss", "val_ppl", "status"):
         table.add_column(col)
@@ -308,25 +304,21 @@ def _print_leaderboard(records: list[TrialRecord], tune_cfg: TuneConfig) -> None
 # ---------------------------------------------------------------- the stage
 
 
-def stage_config(cfg) -> dict:
+def stage_config(job: TuneJob, seed: int) -> dict:
     """What the tune manifest fingerprints: the tune and train sections and the seed."""
     return {
-        "tune": json.loads(cfg.tune.model_dump_json()),
-        "train": json.loads(cfg.train.model_dump_json()),
-        "seed": cfg.run.seed,
+        "tune": json.loads(job.tune.model_dump_json()),
+        "train": json.loads(job.train.model_dump_json()),
+        "seed": seed,
     }
 
 
-def run_tune(cfg) -> dict:
-    """The tune stage: sweep `cfg.tune.search_space` over `cfg.train`, write the leaderboard and best config.
+def run_tune(job: TuneJob, ctx: RunContext) -> dict:
+    """The tune stage: sweep `job.tune.search_space` over `job.train`, write the leaderboard and best config.
 
     Returns a summary: output, best trial, its params and val_loss, trial counts, paths of the files.
     """
-    import ray
-
-    from raylm.runtime import init_ray
-
-    tune_cfg, train = cfg.tune, cfg.train
+    tune_cfg, train = job.tune, job.train
     check_search_space(tune_cfg, train)
     if tune_cfg.grace_period >= max_reports_per_trial(tune_cfg):
         raise ConfigError(
@@ -334,16 +326,14 @@ def run_tune(cfg) -> dict:
             f" (a trial makes at most {max_reports_per_trial(tune_cfg)}); lower it or raise tune.evals_per_trial"
         )
     read_token_meta(train.data)  # a missing or unfinished tokenize output fails here, before any trial
-    if not ray.is_initialized():
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
 
-    with stage_output(tune_cfg.output, "tune", stage_config(cfg), [train.data], cfg.run.overwrite) as out:
+    with stage_output(tune_cfg.output, "tune", stage_config(job, ctx.seed), [train.data], ctx.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": str(out.path)}
         root = out.tmp.resolve()
         started = time.time()
         pgs_before = set(ray.util.placement_group_table())
-        grid = _run_trials(train, tune_cfg, cfg.run.seed, root, cfg.run.name)
+        grid = _run_trials(train, tune_cfg, ctx.seed, root, ctx.name)
         _wait_for_released_placement_groups(pgs_before)
         records = rank_trials([_record(result, tune_cfg, root) for result in grid], tune_cfg)
         best = records[0] if records and _score(records[0], tune_cfg) is not None else None
@@ -353,9 +343,9 @@ def run_tune(cfg) -> dict:
 
         write_leaderboard(records, tune_cfg, out.tmp)
         stopped = sum(r.stopped_early for r in records)
-        title = f"{cfg.run.name}: {len(records)} trials, {stopped} stopped early by ASHA"
+        title = f"{ctx.name}: {len(records)} trials, {stopped} stopped early by ASHA"
         plot_sweep(records, out.tmp / "sweep.png", title)
-        write_best_config(cfg, best, out.tmp / "best_config.yaml")
+        write_best_config(ctx.config_yaml, train, best, out.tmp / "best_config.yaml")
         _print_leaderboard(records, tune_cfg)
         summary = {
             "output": str(out.path),

@@ -28,11 +28,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from raylm.artifacts import require_stage_output, stage_output
-from raylm.config import RaylmConfig
+from raylm.context import RunContext
 from raylm.errors import InputError
 from raylm.tokenize.bpe import (
     TOKENIZER_FILE, check_vocab_size, eos_token_id, load_existing_tokenizer, train_tokenizer, vocab_size_of,
@@ -40,22 +41,20 @@ from raylm.tokenize.bpe import (
 from raylm.tokenize.config import TokenizeConfig
 from raylm.tokenize.encode import LAST_COLUMN, TEXT_COLUMN, EncodeDocuments, block_document_ends, block_stream, split_long_documents
 from raylm.tokenize.packing import RowBatcher, SequencePacker
+from raylm.tokenize.sft import run_sft_tokenize
 from raylm.tokenize.shards import DOC_STARTS_DIR, SPLITS, TokenMeta, shard_name, token_dtype, vocab_hash
 
 log = logging.getLogger(__name__)
 TRAIN_BATCH_DOCS = 1024  # documents per batch streamed into the BPE trainer
 
 
-def run_tokenize(cfg: RaylmConfig) -> dict:
-    """Train the tokenizer, encode and pack both splits of `cfg.tokenize.input`; returns a JSON-able summary.
+def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
+    """The tokenize stage: train the tokenizer, encode and pack both splits of `tc.input`; returns a JSON-able summary.
 
     With tokenize.format sft, encodes prompt/completion JSONL instead (raylm.tokenize.sft).
     """
-    tc = cfg.tokenize
     if tc.format == "sft":
-        from raylm.tokenize.sft import run_sft_tokenize
-
-        return run_sft_tokenize(cfg)
+        return run_sft_tokenize(tc, ctx)
     if tc.tokenizer is None:
         check_vocab_size(tc.vocab_size, tc.special_tokens)
     require_stage_output(tc.input, "prepare")
@@ -68,10 +67,9 @@ def run_tokenize(cfg: RaylmConfig) -> dict:
                 + (" (prepare.validation_fraction may be 0 or too small for this corpus)" if split == "validation" else "")
             )
     extra_inputs = [tc.tokenizer] if tc.tokenizer else []
-    with stage_output(tc.output, "tokenize", tc, inputs=[tc.input, *extra_inputs], overwrite=cfg.run.overwrite) as out:
+    with stage_output(tc.output, "tokenize", tc, inputs=[tc.input, *extra_inputs], overwrite=ctx.overwrite) as out:
         if out.done:
             return _summary(out.path, out.manifest.get("stats", {}), reused=True)
-        _ensure_ray(cfg)
         out.stats = _tokenize(tc, inputs, num_docs, out.tmp)
     return _summary(out.path, out.stats, reused=False)
 
@@ -99,15 +97,6 @@ def count_documents(files: list[str]) -> int:
     return total
 
 
-def _ensure_ray(cfg: RaylmConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from raylm.runtime import init_ray
-
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-
-
 def read_texts(batch: dict, *, batch_rows: int, max_chars: int | None):
     """Ray Data UDF: rows naming Parquet files -> their `text` column in file order, in tables of batch_rows rows.
 
@@ -125,8 +114,6 @@ def _ordered_texts(files: list[str], batch_rows: int, max_chars: int | None = No
     Not `read_parquet`: in Ray 2.60 it starts a pool of footer-reading actors on every call,
     seconds of fixed cost for files whose row counts are already known here.
     """
-    import ray
-
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     ds = ds.map_batches(read_texts, batch_size=1, fn_kwargs={"batch_rows": batch_rows, "max_chars": max_chars})
     # Set on this dataset's own copy of the DataContext: the global one, shared with other stages, stays as it is.
@@ -147,8 +134,6 @@ def _text_batches(tc: TokenizeConfig, files: list[str], counter: list[int]) -> I
 
 def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, eos_id: int, dtype: np.dtype):
     """Blocks of encoded pieces (`ids` list and `last` columns), in the order of `files` and of rows within them."""
-    import ray
-
     pieces = _ordered_texts(files, tc.batch_size, tc.max_piece_chars)
     # One block per batch, so every actor gets work even when a file yields a few large blocks.
     texts = pieces.repartition(target_num_rows_per_block=tc.batch_size)
@@ -232,13 +217,20 @@ def _encode_and_pack(
     ranges = {split: (bounds[i], bounds[i + 1]) for i, split in enumerate(SPLITS)}  # document indices of each split
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("docs"), TimeElapsedColumn())
     seen = 0  # documents routed so far; a block's rows are pieces, and a document's last piece counts it
-    with Progress(*columns, console=Console(stderr=True)) as progress:
+    console = Console(stderr=True)
+    tenths = {split: 0 for split in SPLITS}  # not in a terminal (a log): a line per tenth of a split, not a bar
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         tasks = {split: progress.add_task(f"encode + pack {split}", total=num_docs[split]) for split in SPLITS}
         for block in _encoded_blocks(tc, files, tokenizer_json, eos_id, dtype):
             for piece_rows, split in _route(block, seen, ranges):
                 before = writers[split].documents
                 writers[split].add(piece_rows)
                 progress.update(tasks[split], advance=writers[split].documents - before)
+                done = writers[split].documents * 10 // num_docs[split]
+                if not console.is_terminal and done > tenths[split]:
+                    tenths[split] = done
+                    log.info("[raylm] tokenize: encode + pack %s: %d/%d documents", split,
+                             writers[split].documents, num_docs[split])  # fmt: skip
             seen += int(np.count_nonzero(block.column(LAST_COLUMN)))
     if seen != bounds[-1] or any(w.documents != num_docs[s] for s, w in writers.items()):
         raise InputError(f"{tc.input}: changed while being read ({bounds[-1]} documents expected, {seen} read)")
