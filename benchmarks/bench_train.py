@@ -98,9 +98,9 @@ class Runs:
         return [f"run.workdir={workdir.resolve()}", f"run.seed={self.seed}", *overrides]
 
     def raylm(self, name: str, overrides: list[str], keep: tuple[str, ...] = (), repeat: int = 0, **where) -> dict:
-        """run_train on the config; returns {summary, final, history, seconds}; the output is deleted (but `keep` files).
+        """The train stage on the config; returns {summary, final, history, seconds}; the output is deleted (but `keep` files).
         `repeat` > 0: a fresh run of a config that already ran (timing rounds)."""
-        from raylm.train.trainer import run_train
+        from raylm.stages import run_stage
 
         key = (tuple(overrides), tuple(sorted(where.items())), repeat)
         if key in self._done:
@@ -108,7 +108,7 @@ class Runs:
         output = self.scratch / f"{name}-{len(self._done)}"
         cfg = self.config([f"run.name={name}", f"train.output={output}", "train.tensorboard=false", *overrides], **where)
         started = time.perf_counter()
-        summary = run_train(cfg)
+        summary = run_stage("train", cfg)
         metrics = json.loads(Path(summary["metrics"]).read_text())
         run = {"summary": summary, "final": metrics["final"], "history": metrics["history"],
                "seconds": time.perf_counter() - started, "kept": {}}  # fmt: skip

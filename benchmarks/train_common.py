@@ -12,7 +12,7 @@ Token data (cached under benchmarks/results/cache/, so a second run skips straig
 
 The bare loop is what raylm's worker loop does without Ray or DeepSpeed, in a process of its own
 started with the environment raylm gives its CPU workers (their malloc settings): the same GPT
-(same seed, so the same initial weights), raylm.train.loop.build_optimizer (AdamW, the same
+(same seed, so the same initial weights), raylm.train.optim.build_optimizer (AdamW, the same
 parameter groups) and lr_factor (the same schedule), gradient clipping by
 `torch.nn.utils.clip_grad_norm_`, and the same micro-batches in the same order, gathered from the
 memory-mapped token shards with the SequenceOrder that raylm's data stream uses.
@@ -46,13 +46,12 @@ def demo_tokens(workdir: Path = CACHE / "demo"):
     Returns the resolved config, whose train.data is the token output.
     """
     from raylm.config import load_config
-    from raylm.data.prepare import run_prepare
-    from raylm.tokenize.pipeline import run_tokenize
+    from raylm.stages import run_stage
 
     # overwrite: a cache written by an older config is replaced, not an error
     cfg = load_config(DEMO_CONFIG, [f"run.workdir={workdir.resolve()}", "run.overwrite=true"])
-    run_prepare(cfg)
-    run_tokenize(cfg)
+    run_stage("prepare", cfg)
+    run_stage("tokenize", cfg)
     return cfg
 
 
@@ -124,7 +123,7 @@ def write_prepared(root: Path, splits: dict[str, list[tuple[str, str]]], config:
 def shakespeare_char_tokens(seq_len: int, workdir: Path = CACHE / "shakespeare_char"):
     """Character-level Shakespeare token data (cached); returns (config with tokenize.output set, data stats)."""
     from raylm.config import load_config
-    from raylm.tokenize.pipeline import run_tokenize
+    from raylm.stages import run_stage
 
     demo = demo_tokens()
     docs = select_works(read_prepared(Path(demo.prepare.output)), shakespeare_works())
@@ -141,7 +140,7 @@ def shakespeare_char_tokens(seq_len: int, workdir: Path = CACHE / "shakespeare_c
         f"tokenize.tokenizer={tokenizer_file.resolve()}", f"tokenize.seq_len={seq_len}",
         f"tokenize.output={(workdir / f'tokens-{seq_len}').resolve()}",
     ])  # fmt: skip
-    stats = run_tokenize(cfg)
+    stats = run_stage("tokenize", cfg)
     data = {
         "documents": {"train": len(train), "validation": len(validation)},
         "chars": {"train": sum(len(t) for _, t in train), "validation": sum(len(t) for _, t in validation)},
@@ -155,20 +154,17 @@ def shakespeare_char_tokens(seq_len: int, workdir: Path = CACHE / "shakespeare_c
 
 def bare_model(train_cfg, gpt, seed: int, max_steps: int):
     """The bare loop's (model, optimizer, LR schedule): the GPT seeded as raylm's engine build seeds it (the same
-    initial weights), raylm.train.loop.build_optimizer (AdamW, the same parameter groups) and lr_factor."""
+    initial weights), raylm.train.optim.build_optimizer (AdamW, the same parameter groups) and lr_schedule."""
     import torch
 
     from raylm.model.gpt import GPT
-    from raylm.train.loop import build_optimizer, lr_factor
+    from raylm.train.optim import build_optimizer, lr_schedule
 
     torch.manual_seed(seed)
     model = GPT(gpt)
     model.train()
     optimizer = build_optimizer(model, train_cfg)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, functools.partial(lr_factor, opt=train_cfg.optimizer, max_steps=max_steps)
-    )
-    return model, optimizer, schedule
+    return model, optimizer, lr_schedule(optimizer, train_cfg.model_copy(update={"max_steps": max_steps}))
 
 
 def bare_optimizer_step(model, optimizer, schedule, grad_clip: float) -> None:
@@ -191,8 +187,9 @@ def bare_train(train_cfg, seed: int, threads: int) -> dict:
     """
     import torch
 
-    from raylm.tokenize.ingest import SequenceOrder
     from raylm.tokenize.shards import TokenSplit, read_token_meta
+    from raylm.train.ingest import SequenceOrder
+    from raylm.train.objectives import shift
     from raylm.train.trainer import model_config
 
     torch.set_num_threads(threads)
@@ -211,7 +208,7 @@ def bare_train(train_cfg, seed: int, threads: int) -> dict:
             epoch, b = divmod(consumed, order.batches_per_epoch)
             batch = torch.from_numpy(rows.rows(epoch_rows(epoch)[b]).astype(np.int64))  # (micro, seq_len + 1)
             consumed += 1
-            _, loss = model(*_pair(batch))
+            _, loss = model(*shift(batch))
             (loss / accum).backward()  # DeepSpeed scales by 1 / accumulation steps too
             losses.append(loss.detach())
         bare_optimizer_step(model, optimizer, schedule, train_cfg.optimizer.grad_clip)
@@ -243,7 +240,7 @@ def step_costs_process(config: Path | None, overrides: list[str], threads: int, 
 def _in_worker_process(job: dict) -> dict:
     """Run `job` (this module's __main__ below) in a new Python process with the environment of raylm's workers."""
     from raylm.config import load_config
-    from raylm.train.trainer import worker_runtime_env
+    from raylm.train.worker_runtime import worker_runtime_env
 
     cfg = load_config(job["config"], job["overrides"])
     env = {**os.environ, **worker_runtime_env(cfg.train).get("env_vars", {})}
@@ -259,7 +256,7 @@ def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> d
 
     - bare: the bare loop's step (bare_train's, clipping by torch);
     - deepspeed: DeepSpeed's engine built from raylm's config (one gloo rank), driven by forward, backward, step;
-    - raylm: raylm's own micro-batch step around such an engine (raylm.train.loop: timing, loss and gradient-norm
+    - raylm: raylm's own micro-batch step around such an engine (raylm.train.step: timing, loss and gradient-norm
       bookkeeping, and a log window flushed every log_interval_steps steps, as the worker does).
 
     Blocks of `steps` steps run in turn, so the VM's drift reaches the three alike; medians over `blocks` blocks,
@@ -272,7 +269,9 @@ def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> d
 
     from raylm.tokenize.shards import TokenSplit, read_token_meta
     from raylm.train.deepspeed_config import deepspeed_config
-    from raylm.train.loop import _deepspeed_keeps_grad_norm, _train_micro_batch, _Window, extensions_dir, lm_loss
+    from raylm.train.objectives import shift
+    from raylm.train.step import StepWindow, deepspeed_keeps_grad_norm, lm_loss, train_micro_batch
+    from raylm.train.worker_runtime import extensions_dir
     from raylm.train.trainer import model_config
 
     torch.set_num_threads(threads)
@@ -289,7 +288,7 @@ def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> d
     gpt = model_config(train_cfg, meta)
     micro, accum = train_cfg.micro_batch_size, train_cfg.grad_accum_steps
     rows = torch.from_numpy(TokenSplit(meta, "train").rows(np.arange(micro * accum)).astype(np.int64))
-    batches = [_pair(b) for b in rows.split(micro)]  # accum micro-batches of (inputs, targets)
+    batches = [shift(b) for b in rows.split(micro)]  # accum micro-batches of (inputs, targets)
     max_steps = (blocks + 1) * steps + 10
 
     def bare():
@@ -321,12 +320,12 @@ def step_costs(train_cfg, seed: int, threads: int, blocks: int, steps: int) -> d
 
     def raylm_step():
         ds, _, _, schedule = engine()
-        window = _Window(torch.device("cpu"), accum, own_grad_norm=not _deepspeed_keeps_grad_norm(ds))
+        window = StepWindow(torch.device("cpu"), accum, own_grad_norm=not deepspeed_keeps_grad_norm(ds))
         done = [0]
 
         def step():
             for inputs, targets in batches:
-                _train_micro_batch(ds, lm_loss, inputs, targets, window)
+                train_micro_batch(ds, lm_loss, inputs, targets, window)
             done[0] += 1
             if done[0] % train_cfg.log_interval_steps == 0:
                 window.flush(schedule.get_last_lr()[0], micro * accum * meta.seq_len)
@@ -430,27 +429,20 @@ class CpuSampler:
 
 
 def validation_loss(model, train_cfg, meta) -> float:
-    """Mean next-token cross-entropy over the validation micro-batches raylm's loop evaluates on one worker."""
+    """Mean next-token cross-entropy over the validation micro-batches raylm's loop evaluates on one worker
+    (raylm.train.validation.ValidationSet of data-parallel rank 0 of 1)."""
     import torch
 
-    from raylm.tokenize.ingest import SequenceOrder
-    from raylm.tokenize.shards import TokenSplit
+    from raylm.train.objectives import Objective
+    from raylm.train.topology import rank_coords
+    from raylm.train.validation import ValidationSet
 
-    n = meta.num_sequences["validation"]
-    micro = max(1, min(train_cfg.micro_batch_size, n))
-    order = SequenceOrder(n, micro, 1, seed=0, shuffle=False)
-    split = TokenSplit(meta, "validation")
-    batches = order.epoch_indices(0, 0)[: min(train_cfg.eval_batches, order.batches_per_epoch)]
+    pairs = ValidationSet.read(train_cfg, meta, rank_coords(0, 1), torch.device("cpu")).pairs(Objective(), rank=0)
     model.eval()
     with torch.no_grad():
-        losses = [float(model(*_pair(torch.from_numpy(split.rows(i).astype(np.int64))))[1]) for i in batches]
+        losses = [float(model(inputs, targets)[1]) for inputs, targets in pairs]
     model.train()
     return float(np.mean(losses))
-
-
-def _pair(batch):
-    """(B, T + 1) rows -> inputs (B, T), targets (B, T), contiguous as raylm's loop makes them."""
-    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
 def steady_tokens_per_s(history: list[dict], skip_steps: int) -> float | None:

@@ -12,7 +12,7 @@ import pytest
 
 from raylm.artifacts import stage_output
 from raylm.tokenize.bpe import train_tokenizer
-from raylm.tokenize.ingest import DataPosition, SequenceOrder, TokenStream
+from raylm.train.ingest import DataPosition, SequenceOrder, TokenStream
 from raylm.tokenize.packing import packed_split
 from raylm.tokenize.shards import TokenSplit, read_token_meta, write_token_data
 
@@ -64,7 +64,7 @@ def test_pipeline_stages_of_one_data_parallel_rank_see_the_same_micro_batches(ra
         import torch.distributed as dist
         import ray.train
 
-        from raylm.tokenize.ingest import SequenceOrder, TokenStream
+        from raylm.train.ingest import SequenceOrder, TokenStream
         from raylm.tokenize.shards import read_token_meta
         from raylm.train.topology import rank_coords
 

@@ -16,9 +16,10 @@ from raylm.artifacts import read_manifest
 from raylm.config import load_config
 from raylm.errors import InputError
 from raylm.model.artifact import load_model
-from raylm.tokenize.ingest import SequenceOrder, sample_checksum
-from raylm.train.loop import extensions_dir
-from raylm.train.trainer import build_trainer, run_train
+from raylm.train.ingest import SequenceOrder, sample_checksum
+from raylm.train.worker_runtime import extensions_dir
+from raylm.train.trainer import build_trainer
+from raylm.stages import run_stage
 
 SEQ_LEN = 32
 
@@ -46,7 +47,7 @@ def trained(ray_local, make_tokens, tmp_path_factory):
         "--train.eval_batches=2",
     ]
     cfg = load_config(None, overrides)
-    return cfg, run_train(cfg), tokens
+    return cfg, run_stage("train", cfg), tokens
 
 
 def test_train_stage_learns_and_exports_the_trained_weights(trained):
@@ -78,7 +79,7 @@ def test_train_stage_learns_and_exports_the_trained_weights(trained):
     torch.testing.assert_close(logits, probe["logits"], rtol=1e-5, atol=1e-5)
     assert summary["export_max_abs_diff"] < 1e-5
 
-    assert run_train(cfg)["steps"] == 12  # same config: the finished output is returned, nothing runs
+    assert run_stage("train", cfg)["steps"] == 12  # same config: the finished output is returned, nothing runs
 
 
 def test_deepspeeds_cpu_comm_op_is_built_in_this_environments_own_folder(trained):
@@ -132,7 +133,7 @@ def test_the_run_reports_its_training_figures_everywhere(trained):
 def test_raylm_export_consolidates_the_zero3_checkpoint_without_ray(trained, tmp_path):
     """ZeRO 3 shards every parameter across the 2 ranks' files: `export_checkpoint` (`raylm export`) gathers them
     in one process into the weights the live engine exported. (Before the resume test: it adds checkpoints.)"""
-    from raylm.train.checkpoint import export_checkpoint
+    from raylm.train.export import export_checkpoint
 
     _, summary, _ = trained
     checkpoint = Path(summary["checkpoint"])

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import load_model
-from raylm.tokenize.ingest import SequenceOrder, sample_checksum
-from raylm.train.checkpoint import export_checkpoint, latest_run_checkpoint, verify_checkpoint
+from raylm.train.ingest import SequenceOrder, sample_checksum
+from raylm.train.checkpoint import latest_run_checkpoint, verify_checkpoint
+from raylm.train.export import export_checkpoint
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer
 

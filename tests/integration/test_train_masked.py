@@ -13,7 +13,7 @@ import torch
 from raylm.config import load_config
 from raylm.errors import InputError
 from raylm.model.artifact import load_model
-from raylm.train.trainer import run_train
+from raylm.stages import run_stage
 
 
 def test_masked_lm_run_learns_and_exports_a_bidirectional_model(ray_local, make_tokens, tmp_path):
@@ -38,7 +38,7 @@ def test_masked_lm_run_learns_and_exports_a_bidirectional_model(ray_local, make_
         "--train.eval_batches=2",
     ]
     cfg = load_config(None, overrides)
-    summary = run_train(cfg)
+    summary = run_stage("train", cfg)
     out = Path(cfg.train.output)
     history = json.loads((out / "metrics.json").read_text())["history"]
     losses = [h["loss"] for h in history if "loss" in h]

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.model.gpt import GPT, GPTConfig
-from raylm.train.loop import _deepspeed_keeps_grad_norm, _train_micro_batch, _Window, lm_loss
+from raylm.train.step import StepWindow, deepspeed_keeps_grad_norm, lm_loss, train_micro_batch
 
 MODEL = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, d_model=32)
 
@@ -58,10 +58,10 @@ def test_the_logged_grad_norm_is_the_norm_before_clipping(process_group, zero_st
     }  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    keeps = _deepspeed_keeps_grad_norm(engine)
+    keeps = deepspeed_keeps_grad_norm(engine)
     assert keeps == (zero_stage > 0 or bf16)  # ZeRO 0 in fp32: the loop takes the norm itself
-    window = _Window(torch.device("cpu"), grad_accum_steps=1, own_grad_norm=not keeps)
-    _train_micro_batch(engine, lm_loss, *batch(), window)
+    window = StepWindow(torch.device("cpu"), grad_accum_steps=1, own_grad_norm=not keeps)
+    train_micro_batch(engine, lm_loss, *batch(), window)
     values = window.flush(lr=1e-3, tokens_per_step=4 * MODEL.block_size)
     expected = reference_norm()
     assert expected > grad_clip  # the clip bites where it is on: the norm logged is the one before it

@@ -22,10 +22,11 @@ from raylm.config import load_config
 from raylm.errors import ConfigError
 from raylm.model.artifact import load_model
 from raylm.runtime import local_system_config
-from raylm.tokenize.ingest import SequenceOrder, sample_checksum
+from raylm.train.ingest import SequenceOrder, sample_checksum
 from raylm.tokenize.shards import TokenMeta
-from raylm.train.pipeline import state_dict_from_checkpoint
-from raylm.train.trainer import build_trainer, run_train
+from raylm.train.pipeline_parallel import state_dict_from_checkpoint
+from raylm.train.trainer import build_trainer
+from raylm.stages import run_stage
 
 SEQ_LEN = 32
 MICRO, ACCUM = 4, 2  # two micro-batches per step, so the pipeline has something to overlap
@@ -63,7 +64,7 @@ def trained(ray_local, tmp_path_factory, tokens):
     """One 2-stage pipeline run of the train stage, shared by the tests below: (config, summary)."""
     root = tmp_path_factory.mktemp("pipeline")
     cfg = load_config(None, overrides(root, tokens.path))
-    return cfg, run_train(cfg)
+    return cfg, run_stage("train", cfg)
 
 
 def test_pipeline_run_learns_and_reports_what_a_plain_run_reports(trained):

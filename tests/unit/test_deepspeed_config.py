@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from raylm.errors import ConfigError
 from raylm.train.config import OptimizerConfig, TrainConfig
 from raylm.train.deepspeed_config import check_batch_arithmetic, deepspeed_config
-from raylm.train.loop import lr_factor
+from raylm.train.optim import lr_factor
 
 
 def train_config(**kw) -> TrainConfig:

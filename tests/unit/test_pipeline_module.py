@@ -9,7 +9,7 @@ from raylm.errors import ConfigError, InputError
 from raylm.model.gpt import GPT, GPTConfig
 from raylm.train.config import TrainConfig
 from raylm.train.deepspeed_config import deepspeed_config
-from raylm.train.pipeline import (
+from raylm.train.pipeline_parallel import (
     EXTRA_LAYERS,
     check_pipeline,
     layer_specs,

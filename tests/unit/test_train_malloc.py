@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from raylm.train.config import TrainConfig
-from raylm.train.trainer import KEEP_FREED_MEMORY_ENV, worker_runtime_env
+from raylm.train.worker_runtime import KEEP_FREED_MEMORY_ENV, extensions_dir, worker_runtime_env
 
 # AdamW steps of a small GPT whose logits (16 x 128 x 4096 fp32) are 32 MiB, the size at which glibc starts
 # mapping blocks afresh; prints the median of the minor page faults of the steps after two warm-up steps. The
@@ -63,8 +63,6 @@ def test_the_settings_stop_a_training_step_from_faulting_its_tensors_in_afresh()
 
 def test_each_python_environment_and_ninja_build_torch_extensions_in_a_folder_of_their_own(monkeypatch, tmp_path):
     from torch.utils.cpp_extension import get_default_build_root
-
-    from raylm.train.loop import extensions_dir
 
     here = extensions_dir()
     assert os.path.dirname(here) == get_default_build_root() and extensions_dir() == here

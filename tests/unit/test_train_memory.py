@@ -8,6 +8,7 @@ import torch
 from raylm.errors import ConfigError
 from raylm.model.gpt import GPT, GPTConfig
 from raylm.train.config import TrainConfig
+from raylm.train.engine import check_precision
 from raylm.train.memory import GIB, MemoryPlan, check_memory, estimate_memory, memory_plan
 
 GPT_CFG = GPTConfig(vocab_size=320, block_size=32, n_layer=2, n_head=2, d_model=64)
@@ -106,14 +107,13 @@ def test_a_model_too_large_for_the_limit_is_refused_with_what_would_fit():
 
 
 def test_bf16_on_a_gpu_without_bf16_is_refused_in_one_line(monkeypatch):
-    """The worker-side check (raylm.train.loop._check_precision); the GPU's answers are stood in for on a CPU."""
-    from raylm.train.loop import _check_precision
+    """The worker-side check (raylm.train.engine.check_precision); the GPU's answers are stood in for on a CPU."""
 
-    _check_precision("bf16", torch.device("cpu"))  # CPUs compute bf16
+    check_precision("bf16", torch.device("cpu"))  # CPUs compute bf16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100-SXM2-16GB")
-    _check_precision("fp16", torch.device("cuda", 0))
+    check_precision("fp16", torch.device("cuda", 0))
     with pytest.raises(ConfigError, match=r"^train.precision=bf16: GPU Tesla V100-SXM2-16GB \(compute capability 7.0\) "
                                           r"has no bf16; use precision fp16 or fp32$"):  # fmt: skip
-        _check_precision("bf16", torch.device("cuda", 0))
+        check_precision("bf16", torch.device("cuda", 0))

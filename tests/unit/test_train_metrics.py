@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +19,9 @@ from raylm.train.config import TrainConfig
 from raylm.train.flops import (
     flops_per_token, known_gpu_peak, measure_matmul_flops, model_flops_utilization, peak_flops_per_worker,
 )  # fmt: skip
-from raylm.train.loop import LoopSpec, _validation_batches, _validation_tokens_per_byte, _Window
+from raylm.train.step import StepWindow
+from raylm.train.topology import rank_coords
+from raylm.train.validation import ValidationSet, validation_tokens_per_byte
 from raylm.train.metrics import bits_per_byte, params_held, peak_rss_mb, plot_loss_curve, progress_line, target_bytes
 
 EOS = "<|endoftext|>"
@@ -89,18 +90,14 @@ def test_validation_bytes_are_counted_over_exactly_the_rows_every_rank_evaluates
         out.stats = write_token_data(out.tmp, tokenizer, eos, splits, shard_rows=5).to_stats()
     meta = read_token_meta(tmp_path / "tokens")
     cfg = TrainConfig(data=str(meta.path), output=str(tmp_path / "out"), micro_batch_size=2, eval_batches=3)
-    spec = LoopSpec(train=cfg, model={}, deepspeed={}, tokenizer_file=str(meta.tokenizer_file), eos_token_id=eos,
-                    run_name="t")  # fmt: skip
     evaluated = [
-        b.numpy()
-        for r in range(2)
-        for b in _validation_batches(cfg, meta.num_sequences["validation"], SimpleNamespace(dp_size=2, dp_rank=r), "cpu")
+        b.numpy() for r in range(2) for b in ValidationSet.read(cfg, meta, rank_coords(r, 2), torch.device("cpu")).batches
     ]
     targets = np.concatenate(evaluated)[:, 1:]  # (2 ranks x 3 batches x 2 rows, 8)
     assert targets.shape == (12, 8)
     # ASCII text: each target token's own bytes add up; end of text adds none
     text_bytes = sum(len(tokenizer.decode([int(i)], skip_special_tokens=True).encode()) for i in targets.reshape(-1))
-    assert _validation_tokens_per_byte(spec, meta, dp_size=2) == pytest.approx(targets.size / text_bytes)
+    assert validation_tokens_per_byte(cfg, meta, str(meta.tokenizer_file), dp_size=2) == pytest.approx(targets.size / text_bytes)
     assert target_bytes(tokenizer, TokenSplit(meta, "validation").rows(np.arange(12))) == text_bytes
 
 
@@ -113,7 +110,7 @@ def single_process_group(tmp_path):
 
 
 def test_window_means_split_and_mfu(single_process_group):
-    window = _Window(torch.device("cpu"), grad_accum_steps=2, flops_per_token=1e6, peak_flops_per_worker=1e9)
+    window = StepWindow(torch.device("cpu"), grad_accum_steps=2, flops_per_token=1e6, peak_flops_per_worker=1e9)
     for loss in (1.0, 2.0, 3.0, 6.0):  # 4 micro-batches = 2 optimizer steps
         window.add(torch.tensor(loss), {})
     window.add_grad_norm(torch.tensor(0.5))

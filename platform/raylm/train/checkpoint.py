@@ -1,4 +1,4 @@
-"""Checkpoints of the train stage: when to take one, checking one before it is loaded, exporting one.
+"""Checkpoints of the train stage: when to take one, saving and restoring one, checking one before it is loaded.
 
 A raylm checkpoint is the directory Ray Train keeps for one `ray.train.report` (see raylm.train.loop):
 
@@ -10,7 +10,8 @@ Ray Train registers a reported checkpoint when its controller next polls the wor
 a worker killed in between leaves a checkpoint that every rank finished but Ray never registered,
 and a restart from Ray's latest would lose those steps too. So once every rank's `report` has
 returned, rank 0 writes complete.json, and a restart resumes from the newest complete checkpoint
-in the run's storage when it is newer than Ray's (`resume_checkpoint`).
+in the run's storage when it is newer than Ray's (`resume_checkpoint`). Exporting a model from a
+checkpoint is raylm.train.export's.
 
 Loading never unpickles code. DeepSpeed 0.19.8 reads its files with `torch.load(..., weights_only=False)`
 (TorchCheckpointEngine.load, and zero_to_fp32), which would run any `__reduce__` payload a tampered file
@@ -22,14 +23,23 @@ truncated or unreadable, is refused with an InputError naming it, before DeepSpe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import shutil
 import time
 from pathlib import Path
 
+import pyarrow.fs
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, Result
 
 from raylm.errors import InputError
+from raylm.train.ingest import DataPosition, DataState, SequenceOrder
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 DEEPSPEED_DIR = "deepspeed"
@@ -44,6 +54,7 @@ def deepspeed_safe_globals() -> list:
     fp32 and bf16. Allow-listing a class lets the weights-only unpickler construct it and set its saved
     attributes; every other callable a pickle names (os.system, builtins.exec, ...) is still refused.
     """
+    # DeepSpeed picks its accelerator when first imported: not at this module's import, on a driver or in a worker
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
@@ -106,9 +117,6 @@ def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> dict:
 
 def latest_run_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The checkpoint a Ray Train run in the local `run_dir` (`<storage_path>/<name>`) resumes from; None for a new run."""
-    import pyarrow.fs
-    from ray.train import Result
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return None
@@ -130,15 +138,12 @@ def _read_json(fs, path: str) -> dict | None:
 def resume_checkpoint(registered, fs, run_path: str):
     """The checkpoint to resume from: Ray Train's latest registered one (`registered`, may be None), or the newest
     complete one under `run_path` on the pyarrow filesystem `fs` when that is at a later step."""
-    from pyarrow.fs import FileSelector, FileType
-    from ray.train import Checkpoint
-
     best, best_step = registered, -1
     if registered is not None:
         state = _read_json(registered.filesystem, f"{registered.path}/{STATE_FILE}")
         best_step = int(state["step"]) if state else -1
-    for entry in fs.get_file_info(FileSelector(run_path, allow_not_found=True)):
-        if entry.type != FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True)):
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
             continue
         marker = _read_json(fs, f"{entry.path}/{COMPLETE_FILE}")
         if marker is not None and int(marker["step"]) > best_step:
@@ -178,88 +183,71 @@ class CheckpointClock:
     def due(self) -> bool:
         if self.interval_s is None:
             return False
-        import torch.distributed as dist
-
         flag = torch.tensor([float(time.monotonic() - self.last >= self.interval_s)], device=self.device)
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
 
-def consolidated_state_dict(deepspeed_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a (verified) DeepSpeed checkpoint of any ZeRO stage, on the CPU, in one process.
+# --- inside the workers: choose, read, restore and save ---------------------------------------------
 
-    ZeRO 1-3: DeepSpeed's zero_to_fp32 joins the ranks' fp32 master partitions. ZeRO 0 keeps no partitions:
-    the module's state dict is whole in the model-states file (fp32 runs); bf16/fp16 runs keep their fp32
-    master copy in the optimizer state (`fp32_groups`), one list per optimizer param group.
+
+def resume_from(registered, rank: int):
+    """The checkpoint this attempt starts from (`resume_checkpoint` of Ray Train's `registered`), chosen by rank 0
+    for all ranks (a collective)."""
+    choice = [registered]
+    if rank == 0:
+        storage = ray.train.get_context().get_storage()
+        choice = [resume_checkpoint(registered, storage.storage_filesystem, storage.experiment_fs_path)]
+        if choice[0] is not None and (registered is None or choice[0].path != registered.path):
+            logger.info(f"[raylm] resuming from {choice[0].path}: complete on every rank, not yet registered by Ray Train")
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def read_state(checkpoint, model: dict, order: SequenceOrder, rank: int) -> tuple[dict | None, DataState]:
+    """state.json of the checkpoint this run resumes from (None for a fresh start) and where its data resumes.
+
+    The position is the same on every rank. The sample checksum saved is all ranks' sum: rank 0
+    carries it on, the others start from 0, so the sum over ranks continues unchanged.
     """
-    import contextlib
-    import io
-
-    files = list((deepspeed_dir / tag).glob("*optim_states.pt"))
-    if files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per file
-            state = get_fp32_state_dict_from_zero_checkpoint(str(deepspeed_dir), tag=tag)
-        return {k: v.float() for k, v in state.items()}
-    model_states = safe_load(deepspeed_dir / tag / "mp_rank_00_model_states.pt")
-    module = model_states["module"]
-    masters = (model_states.get("optimizer") or {}).get("fp32_groups")
-    full = {k: v.float() for k, v in module.items()}
-    if masters:
-        full.update(_match_masters(module, [t for group in masters for t in group], deepspeed_dir / tag))
-    return full
-
-
-def _match_masters(module: dict[str, torch.Tensor], masters: list[torch.Tensor], where: Path) -> dict:
-    """Name each fp32 master tensor of a ZeRO-0 16-bit run after the module weight it was rounded to.
-
-    The optimizer's groups hold the trainable parameters in an order of raylm's choosing
-    (raylm.train.loop.build_optimizer), so no order is assumed: a master belongs to the first weight
-    of its shape that equals it rounded to the weight's 16-bit dtype (the weights are exactly that).
-    """
-    pending = list(range(len(masters)))
-    matched = {}
-    for name, weight in module.items():
-        for i in pending:
-            if masters[i].shape == weight.shape and torch.equal(masters[i].to(weight.dtype), weight):
-                matched[name] = masters[i].float()
-                pending.remove(i)
-                break
-    if pending:
-        raise InputError(f"{where}: {len(pending)} fp32 master tensors match no module weight")
-    return matched
-
-
-def export_checkpoint(
-    checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", tokenizer_file: str | None = None
-) -> Path:
-    """Write a raylm-gpt model directory from a raylm checkpoint (any ZeRO stage), on one CPU process, no Ray workers.
-
-    checkpoint_dir: a Ray Train checkpoint of the train stage (state.json + deepspeed/).
-    dtype: "float32" or "bfloat16" weights in model.safetensors.
-    tokenizer_file: the tokenizer to ship with the model (default: the one saved in the checkpoint).
-    Every file is verified (weights-only unpickling) before it is read.
-    """
-    from raylm.model.artifact import save_model
-    from raylm.model.gpt import GPT, GPTConfig
-
-    d = Path(checkpoint_dir)
-    state = verify_checkpoint(d)
-    tag = checkpoint_tag(d / DEEPSPEED_DIR)
-    tokenizer = tokenizer_file or (d / TOKENIZER_FILE if (d / TOKENIZER_FILE).exists() else state.get("tokenizer_file"))
-    if tokenizer is None or not Path(tokenizer).exists():
-        raise InputError(f"{d}: the checkpoint names no tokenizer that exists ({tokenizer}); pass tokenizer_file")
-    weights = consolidated_state_dict(d / DEEPSPEED_DIR, tag)
-    model = GPT(GPTConfig.from_dict(state["model"]))
-    expected = set(model.state_dict())
-    weights.setdefault("lm_head.weight", weights.get("wte.weight"))  # tied to the embedding
-    if set(weights) != expected:
+    if checkpoint is None:
+        return None, DataState(DataPosition(), order)
+    with checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+    if state["model"] != model:
         raise InputError(
-            f"{d}: checkpoint weights do not fit the model of its state.json "
-            f"(missing {sorted(expected - set(weights))[:5]}, unexpected {sorted(set(weights) - expected)[:5]})"
+            f"{checkpoint.path}: checkpoint of a different model ({state['model']}); "
+            "choose another run name or remove the old run's storage"
         )
-    model.load_state_dict(weights)
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    extra = {"trained_steps": int(state["step"]), "exported_from": str(d.resolve())}
-    return save_model(out_dir, model, tokenizer, eos_token_id=state.get("eos_token_id"), dtype=torch_dtype, extra=extra)
+    saved, current = state["data"]["order"], order.to_dict()
+    if saved != current:
+        raise InputError(
+            f"{checkpoint.path}: the checkpoint's data order {saved} differs from this run's {current}; "
+            "resuming would repeat or skip samples (keep micro_batch_size, num_workers, seed and the data)"
+        )
+    checksum = int(state["data"]["sample_checksum"]) if rank == 0 else 0
+    return state, DataState(DataPosition(**state["data"]["position"]), order, checksum)
+
+
+def restore(engine, checkpoint, state: dict | None) -> int:
+    """Load the engine from the checkpoint (model, optimizer, scheduler); returns its step (0 for a fresh start)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as d:
+        # DeepSpeed unpickles with weights_only=False: every file first passes torch's weights-only unpickler
+        verify_deepspeed_checkpoint(Path(d) / DEEPSPEED_DIR)
+        path, client_state = engine.load_checkpoint(str(Path(d) / DEEPSPEED_DIR))
+    if path is None:
+        raise InputError(f"{checkpoint.path}: DeepSpeed could not load the checkpoint")
+    if int(client_state["step"]) != int(state["step"]):
+        raise InputError(f"{checkpoint.path}: DeepSpeed files at step {client_state['step']}, state.json at {state['step']}")
+    return int(client_state["step"])
+
+
+def save(engine, directory: Path, step: int, state: dict | None, tokenizer_file: str | None = None) -> None:
+    """This rank's part of the DeepSpeed checkpoint under `directory`; on rank 0 (`state` given) also state.json
+    (step, model, history, data position) and the tokenizer, so that an intermediate checkpoint exports alone."""
+    engine.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=f"step{step}", client_state={"step": step})
+    if state is not None:
+        (directory / STATE_FILE).write_text(json.dumps({"step": step, **state}))
+        shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)

@@ -16,10 +16,12 @@ import dataclasses
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import CONFIG, TOKENIZER, WEIGHTS, read_model_meta
 from raylm.model.gpt import GPT, GPTConfig
+from raylm.model.lora import apply_lora
 from raylm.tokenize.shards import TokenMeta, check_same_tokenizer
 from raylm.train.config import TrainConfig
 
@@ -67,8 +69,6 @@ def init_model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "t
 def check_finetune(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig, section: str = "train") -> None:
     """ConfigError when LoRA or the SFT loss masks cannot apply to this run (checked on the driver)."""
     if train_cfg.lora is not None:
-        from raylm.model.lora import apply_lora
-
         with torch.device("meta"):  # no memory: only which layers exist matters
             try:
                 apply_lora(GPT(gpt), train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets)
@@ -87,8 +87,6 @@ def check_finetune(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig, sect
 
 def load_init_weights(model: GPT, model_dir: str | Path) -> None:
     """Copy an exported model's weights (safetensors, fp32 or bf16 on disk) into `model`, whose shape must match."""
-    from safetensors.torch import load_file
-
     state = load_file(str(Path(model_dir) / WEIGHTS))
     state["lm_head.weight"] = state["wte.weight"]  # tied: stored once
     model.load_state_dict({k: v.float() for k, v in state.items()})

@@ -21,7 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import ray
+import torch
+
 from raylm.errors import ConfigError
+from raylm.model.gpt import GPT
+from raylm.model.lora import apply_lora
 
 GIB = 1024**3
 
@@ -105,15 +110,9 @@ def activation_bytes(plan: MemoryPlan) -> float:
 
 def memory_plan(train_cfg, gpt, seq_len: int) -> MemoryPlan:
     """The MemoryPlan of a TrainConfig training the GPTConfig `gpt` on sequences of `seq_len` tokens."""
-    import torch
-
-    from raylm.model.gpt import GPT
-
     with torch.device("meta"):  # shapes only: no memory, no initialization
         model = GPT(gpt)
         if getattr(train_cfg, "lora", None) is not None:
-            from raylm.model.lora import apply_lora
-
             lora = train_cfg.lora
             apply_lora(model, lora.rank, lora.alpha, lora.targets)
     stages = getattr(train_cfg, "pipeline_stages", 1)
@@ -147,14 +146,10 @@ def worker_memory_limit(train_cfg) -> tuple[float | None, str]:
     if train_cfg.memory_per_worker_gb is not None:
         return train_cfg.memory_per_worker_gb * GIB, f"train.memory_per_worker_gb={train_cfg.memory_per_worker_gb}"
     if train_cfg.use_gpu:
-        import torch
-
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return float(props.total_memory), f"the memory of GPU {props.name}"
         return None, ""
-    import ray
-
     if not ray.is_initialized():
         return None, ""
     best = None

@@ -13,6 +13,7 @@ import resource
 from pathlib import Path
 
 import numpy as np
+from ray.util.metrics import Gauge
 
 
 def perplexity(loss: float) -> float:
@@ -63,7 +64,7 @@ class TrainLog:
         self.history = history
         self._writer = None
         if tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard: only when it is on
 
             os.makedirs(tensorboard_dir, exist_ok=True)
             self._writer = SummaryWriter(tensorboard_dir)
@@ -88,10 +89,6 @@ class TrainLog:
 
 def _ray_gauges() -> dict:
     """Dashboard gauges (Ray's Prometheus metrics); empty outside a Ray worker."""
-    try:
-        from ray.util.metrics import Gauge
-    except ImportError:
-        return {}
     names = {
         "loss": "training loss (mean cross-entropy, or the distillation loss)",
         "val_loss": "validation cross-entropy",
@@ -145,7 +142,7 @@ def progress_line(step: int, max_steps: int, values: dict) -> str:
 
 def plot_loss_curve(history: list[dict], path: str | os.PathLike, title: str) -> Path:
     """Training and validation loss against step, as a PNG; below it, throughput and MFU when logged."""
-    import matplotlib
+    import matplotlib  # a second of imports, for the one picture: not at module import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

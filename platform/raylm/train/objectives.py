@@ -14,6 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from tokenizers import Tokenizer
+
+from raylm.errors import InputError
 
 IGNORE_INDEX = -100
 
@@ -21,6 +24,15 @@ IGNORE_INDEX = -100
 def shift(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T + 1) rows -> inputs (B, T) = row[:-1], targets (B, T) = row[1:], each contiguous."""
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+def masked_targets(targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Targets (B, T) with -100 (ignored by the loss) where the loss mask (B, T + 1) of their rows is 0.
+
+    Token data with loss masks (tokenize.format sft) marks which ids are training targets: the
+    completion, not the prompt. Target j of a row is id j + 1, so it takes mask column j + 1.
+    """
+    return targets.masked_fill(loss_mask[:, 1:] == 0, IGNORE_INDEX)
 
 
 def mask_tokens(
@@ -90,17 +102,28 @@ class Objective:
             keep_ids=self.keep_ids,
         )
 
-    def train_pair(self, rows: torch.Tensor, rank: int, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of training rows, for micro-batch `micro` of optimizer step `step` on `rank`."""
-        if self.kind == "causal":
-            return shift(rows)
-        return self._masked(rows, self._generator(rows.device, 1, rank, step, micro))
+    def train_pair(
+        self, rows: torch.Tensor, rank: int, step: int, micro: int, loss_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of training rows, for micro-batch `micro` of optimizer step `step` on `rank`.
 
-    def eval_pair(self, rows: torch.Tensor, rank: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_mask: the rows' loss masks (B, T + 1) where the token data has them: only masked-in targets count.
+        """
+        if self.kind == "causal":
+            inputs, targets = shift(rows)
+        else:
+            inputs, targets = self._masked(rows, self._generator(rows.device, 1, rank, step, micro))
+        return inputs, targets if loss_mask is None else masked_targets(targets, loss_mask)
+
+    def eval_pair(
+        self, rows: torch.Tensor, rank: int, index: int, loss_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets) of validation batch `index`: the same masks at every evaluation."""
         if self.kind == "causal":
-            return shift(rows)
-        return self._masked(rows, self._generator(rows.device, 2, rank, index))
+            inputs, targets = shift(rows)
+        else:
+            inputs, targets = self._masked(rows, self._generator(rows.device, 2, rank, index))
+        return inputs, targets if loss_mask is None else masked_targets(targets, loss_mask)
 
 
 def build_objective(train_cfg, meta, seed: int, section: str = "train") -> Objective:
@@ -109,12 +132,8 @@ def build_objective(train_cfg, meta, seed: int, section: str = "train") -> Objec
     The masked objective looks its mask token up in the data's tokenizer: a tokenizer without it is an
     InputError naming the file and the setting that adds it.
     """
-    from raylm.errors import InputError
-
     if train_cfg.objective == "causal":
         return Objective("causal", seed=seed)
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(meta.tokenizer_file))
     mask_id = tokenizer.token_to_id(train_cfg.mask_token)
     if mask_id is None:

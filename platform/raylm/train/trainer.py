@@ -3,7 +3,7 @@
     trainer = build_trainer(cfg.train, run_name="demo", storage_path="/abs/runs/demo/train.ray")
     result = trainer.fit()          # result.metrics: step, loss, val_loss, val_ppl, lr, tokens_per_s, ...
 
-`run_train(cfg)` is the stage: it fits into a stable Ray storage directory beside the output
+`run_train(cfg.train, ctx)` is the stage: it fits into a stable Ray storage directory beside the output
 (`<train.output>.ray/<fingerprint>/<run.name>`), so a run that was killed resumes from its
 latest checkpoint when started again with the same config, then writes the finished output
 atomically:
@@ -24,51 +24,30 @@ import shutil
 import time
 from pathlib import Path
 
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+from safetensors.torch import load_file
+
 from raylm.artifacts import StageOutput, stage_output
+from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
-from raylm.model.gpt import GPTConfig
+from raylm.model.config import GPTConfig
+from raylm.storage import absolute, is_uri
 from raylm.tokenize.shards import TokenMeta, read_token_meta
-from raylm.train.checkpoint import latest_run_checkpoint, verify_checkpoint
+from raylm.train.checkpoint import STATE_FILE, latest_run_checkpoint, verify_checkpoint
 from raylm.train.config import TrainConfig
 from raylm.train.deepspeed_config import deepspeed_config
+from raylm.train.export import MODEL_DIR, PROBE_FILE, export_check
 from raylm.train.finetune import init_model_config, prepare_finetune
-from raylm.train.objectives import build_objective
-from raylm.train.pipeline import check_pipeline, check_spread_possible
-from raylm.train.loop import MODEL_DIR, PROBE_FILE, STATE_FILE, LossHook, LoopSpec, train_loop_per_worker
+from raylm.train.loop import LossHook, LoopSpec, train_loop_per_worker
 from raylm.train.memory import check_memory
 from raylm.train.metrics import RUN_FIGURES, TRAIN_FIGURES, plot_loss_curve
+from raylm.train.objectives import build_objective
+from raylm.train.pipeline_parallel import check_pipeline, check_spread_possible
+from raylm.train.worker_runtime import worker_runtime_env
 
 RAY_DIR = "ray"
-
-KEEP_FREED_MEMORY_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
-    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
-    "MALLOC_ARENA_MAX": "1",
-}
-"""glibc malloc settings of CPU workers with train.keep_freed_memory (read when the process starts, so given to
-Ray as the workers' environment).
-
-By default glibc serves an allocation above a threshold that it raises up to 32 MiB with a fresh mmap,
-and unmaps it on free; it also trims the top of its heap back to the OS. A training step allocates the
-same activations and gradients every time, so every step pays a page fault and a zeroed page for each
-4 KiB of them. Here: no mmap and no trimming under 4 GiB, and one arena, because Ray Train runs the loop
-in a thread of its own and a thread's arena cannot hold a block over 64 MiB (glibc then maps it anyway).
-Measured on the demo model (2 cores, 2 torch threads): the bare loop of benchmarks/train_common.py had
-3.8 million minor page faults and 15 s of system time in 100 steps, against 0.2 million and 1.9 s with
-these settings, and ran at 7,700-10,000 tokens/s against 5,800-6,500 in the same hour; peak resident
-memory 620 -> 910-950 MiB. raylm's worker: 5,000-5,500 -> 5,600-5,900 (without the single arena, 5,000).
-"""
-
-
-def worker_runtime_env(train_cfg: TrainConfig) -> dict:
-    """The Ray runtime_env of the training workers: on CPU, DeepSpeed's CPU accelerator and the malloc settings
-    above (a value the driver's environment already sets wins)."""
-    if train_cfg.use_gpu:
-        return {}
-    env = {"DS_ACCELERATOR": "cpu"}
-    if train_cfg.keep_freed_memory:
-        env.update({k: os.environ.get(k, v) for k, v in KEEP_FREED_MEMORY_ENV.items()})
-    return {"env_vars": env}
 
 
 def model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "train") -> GPTConfig:
@@ -135,31 +114,23 @@ def build_trainer(
     export_extra: extra keys for the exported model's config.json.
     section: config section named in errors ("train", "distill").
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raylm.runtime import init_ray
-
-    if not ray.is_initialized():
-        init_ray()
     meta = read_token_meta(train_cfg.data)
-    if "://" not in train_cfg.data:  # workers run in other directories: they get the absolute path
-        train_cfg = train_cfg.model_copy(update={"data": str(Path(train_cfg.data).resolve())})
+    # workers run in other directories: they get the absolute path
+    train_cfg = train_cfg.model_copy(update={"data": absolute(train_cfg.data)})
     gpt = model or model_config(train_cfg, meta, section)
     train_cfg, export_extra = prepare_finetune(train_cfg, meta, gpt, export_extra, section)  # init_from, LoRA, SFT
     check_pipeline(train_cfg, gpt, section, distill=loss_hook is not None)
     check_spread_possible(train_cfg, section)
     _check_data(train_cfg, meta, gpt)
     check_memory(train_cfg, gpt, meta.seq_len, section)  # a model too large for the workers: refused here
-    storage_path = os.path.abspath(storage_path) if "://" not in storage_path else storage_path
-    if "://" not in storage_path:
+    storage_path = absolute(storage_path)
+    if not is_uri(storage_path):
         # The checkpoint this run would resume from: a truncated or tampered one fails here, naming its file.
         resume_from = latest_run_checkpoint(Path(storage_path) / run_name)
         if resume_from is not None:
             verify_checkpoint(resume_from)
     tensorboard_dir = None
-    if train_cfg.tensorboard and "://" not in storage_path:
+    if train_cfg.tensorboard and not is_uri(storage_path):
         tensorboard_dir = os.path.join(storage_path, run_name, "tensorboard")
     spec = LoopSpec(
         train=train_cfg,
@@ -199,19 +170,7 @@ def build_trainer(
 
 def ray_storage(output: str | os.PathLike, fingerprint: str) -> Path:
     """Where a stage's Ray Train run lives until it finishes: stable across restarts of the same config."""
-    return Path(f"{os.path.abspath(output)}.ray") / fingerprint
-
-
-def export_check(model_dir: Path, probe: dict) -> float:
-    """Largest |difference| between the exported model's logits and the trained engine's on the probe row."""
-    import torch
-
-    from raylm.model.artifact import load_model
-
-    loaded = load_model(model_dir)
-    with torch.no_grad():
-        logits, _ = loaded.model(probe["input_ids"])
-    return float((logits - probe["logits"]).abs().max())
+    return Path(f"{absolute(output)}.ray") / fingerprint
 
 
 def fit_to_output(
@@ -221,8 +180,6 @@ def fit_to_output(
 
     Returns the summary (final figures and output paths, plus `extra`), also written to metrics.json.
     """
-    from safetensors.torch import load_file
-
     started = time.time()
     result = trainer.fit()
     seconds = time.time() - started
@@ -276,25 +233,18 @@ def stage_config(section_cfg, seed: int) -> dict:
     return {**json.loads(section_cfg.model_dump_json()), "seed": seed}
 
 
-def run_train(cfg) -> dict:
-    """The train stage: fit `cfg.train` on its token data, export `<train.output>/model`, return a summary."""
-    import ray
-
-    from raylm.runtime import init_ray
-
-    if not ray.is_initialized():
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    tc = cfg.train
+def run_train(tc: TrainConfig, ctx: RunContext) -> dict:
+    """The train stage: fit `tc` on its token data, export `<train.output>/model`, return a summary."""
     inputs = [tc.data, *([tc.init_from] if tc.init_from else [])]  # a retrained base is a new run
-    with stage_output(tc.output, "train", stage_config(tc, cfg.run.seed), inputs, cfg.run.overwrite) as out:
+    with stage_output(tc.output, "train", stage_config(tc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": str(out.path)}
         storage = ray_storage(tc.output, out.manifest["fingerprint"])
-        trainer = build_trainer(tc, run_name=cfg.run.name, storage_path=str(storage), seed=cfg.run.seed)
+        trainer = build_trainer(tc, run_name=ctx.name, storage_path=str(storage), seed=ctx.seed)
         m = tc.model
-        title = f"{cfg.run.name}: preset {m.preset}, {tc.num_workers} workers, ZeRO {tc.zero_stage}, {tc.precision}"
+        title = f"{ctx.name}: preset {m.preset}, {tc.num_workers} workers, ZeRO {tc.zero_stage}, {tc.precision}"
         if tc.pipeline_stages > 1:
             title += f", {tc.pipeline_stages} pipeline stages x {tc.data_parallel_size} data-parallel"
-        summary = fit_to_output(trainer, out, storage=storage, run_name=cfg.run.name, title=title)
+        summary = fit_to_output(trainer, out, storage=storage, run_name=ctx.name, title=title)
         out.stats = summary
     return summary

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
+import ray
+import torch
 
 from raylm.errors import InputError
 from raylm.runtime import IDLE_WORKERS_KEPT
@@ -85,6 +87,28 @@ class SequenceOrder:
     def consumed(self, position: DataPosition) -> int:
         """Micro-batches from the start of epoch 0 to `position` (inverse of position_after)."""
         return position.epoch * self.batches_per_epoch + position.batch
+
+    def to_dict(self) -> dict:
+        """What must not change between a checkpoint and its resumption for a data position to mean the same."""
+        return asdict(self)
+
+
+@dataclass
+class DataState:
+    """Where one rank's data stream stands, and a checksum of every sample it has trained on."""
+
+    position: DataPosition
+    order: SequenceOrder
+    checksum: int = 0
+
+    def consume(self, indices: torch.Tensor, position: DataPosition) -> None:
+        """Account for a micro-batch of sequence `indices`, after which the stream is at `position`."""
+        self.checksum = (self.checksum + sample_checksum(indices.cpu().numpy(), self.position.epoch)) % _MERSENNE61
+        self.position = position
+
+    def to_state(self, global_checksum: int) -> dict:
+        """For state.json: the position (the same on every rank), the order it refers to, all ranks' checksum."""
+        return {"position": self.position.to_dict(), "order": self.order.to_dict(), "sample_checksum": global_checksum}
 
 
 @functools.lru_cache(maxsize=8)
@@ -149,7 +173,6 @@ class TokenStream:
 
     def epoch_dataset(self, epoch: int, first_batch: int = 0):
         """A Ray Dataset of this rank's rows of `epoch` from micro-batch `first_batch` on, in order."""
-        import ray
         # One task per run of batches_per_task micro-batches. from_items puts the rows in the object
         # store without a task, so nothing here needs a CPU that the trainers might all hold.
         bounds = range(first_batch, self.order.batches_per_epoch, self.batches_per_task)
@@ -166,13 +189,15 @@ class TokenStream:
             num_cpus=0,
             label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},  # this node: its page cache
         )
-        ds.context.execution_options.preserve_order = True  # this dataset's own context copy
+        # Settings of this dataset's own copy of the DataContext. No progress bars: a training run makes one such
+        # dataset per epoch and rank, whose bars would be redrawn under the run's progress lines, through the
+        # driver (tqdm_ray); how well the stream keeps up is the loop's data_wait_frac.
+        ds.context.execution_options.preserve_order = True
+        ds.context.enable_progress_bars = False
         return ds
 
     def iter_torch(self, start: DataPosition = DataPosition(), device=None) -> Iterator[tuple]:
         """(tokens, indices, position after[, loss mask]) for every micro-batch from `start` on, epoch after epoch."""
-        import torch
-
         epoch, first = start.epoch, start.batch
         micro = self.order.micro_batch_size
         dtypes = {TOKENS_COLUMN: torch.int64, INDEX_COLUMN: torch.int64}

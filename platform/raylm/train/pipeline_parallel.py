@@ -29,14 +29,17 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import ray
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from raylm.errors import ConfigError, InputError
 from raylm.model.gpt import GPT, Block, GPTConfig, rotary_angles
-from raylm.tokenize.sft import masked_targets
 from raylm.train.config import TrainConfig
+from raylm.train.optim import build_optimizer, lr_schedule
+from raylm.train.validation import ValidationSet
 
 EMBED_KEY = "embed"
 """TiedLayerSpec key shared by the token embedding (first layer) and the lm_head (last layer)."""
@@ -91,7 +94,7 @@ def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def layer_specs(cfg: GPTConfig) -> list:
     """The GPT as DeepSpeed LayerSpecs, in forward order (see the module docstring for the layout)."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec  # DeepSpeed picks its accelerator on import: only here
 
     return [
         TiedLayerSpec(EMBED_KEY, nn.Embedding, cfg.vocab_size, cfg.d_model),
@@ -130,7 +133,7 @@ def local_layers(cfg: GPTConfig) -> tuple[nn.ModuleDict, list]:
     Returns (the modules, keyed like PipelineModule's parameter names, and the forward functions in
     order): `run_layers(funcs, idx)` is what a pipeline of any number of stages computes.
     """
-    from deepspeed.pipe import TiedLayerSpec
+    from deepspeed.pipe import TiedLayerSpec  # (as in layer_specs)
 
     modules, funcs = nn.ModuleDict(), []
     tied = nn.ModuleDict()
@@ -196,8 +199,6 @@ def check_pipeline(cfg: TrainConfig, gpt: GPTConfig, section: str = "train", dis
 
 def check_spread_possible(cfg: TrainConfig, section: str = "train") -> None:
     """ConfigError when pipeline_placement=spread asks for more nodes than the connected Ray cluster has."""
-    import ray
-
     if cfg.pipeline_stages == 1 or cfg.pipeline_placement != "spread":
         return
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= cfg.cpus_per_worker]
@@ -214,9 +215,6 @@ def stage_nodes(coords, placement: str) -> list[list[str]]:
     With placement "spread", two stages sharing a node is a ConfigError (the cluster could not
     give each stage a node of its own).
     """
-    import ray
-    import torch.distributed as dist
-
     nodes = [None] * dist.get_world_size()
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     by_stage = [sorted(set(nodes[s * coords.dp_size : (s + 1) * coords.dp_size])) for s in range(coords.pipeline_stages)]
@@ -237,20 +235,17 @@ def short_nodes(placement: dict) -> str:
     return " | ".join(f"stage {s}: {','.join(n[:8] for n in nodes)}" for s, nodes in enumerate(placement["pipeline_stage_nodes"]))
 
 
-def build_pipeline_engine(spec, optimizer_fn, lr_lambda):
-    """(DeepSpeed PipelineEngine, its LR scheduler, parameter count of the whole GPT) for a LoopSpec.
+def build_pipeline_engine(cfg: TrainConfig, gpt_cfg: GPTConfig, deepspeed_config: dict, seed: int):
+    """(DeepSpeed PipelineEngine, its LR scheduler, parameter count of the whole GPT).
 
-    optimizer_fn(module) -> optimizer over the module's (this stage's) parameters;
-    lr_lambda(step) -> LR multiplier. Every rank builds the whole GPT from the seed and copies its
-    stage's part in, so the run starts from the weights a plain run of the same seed starts from.
+    Every rank builds the whole GPT from the seed and copies its stage's part in, so the run starts
+    from the weights a plain run of the same seed starts from (raylm.train.engine.build_engine).
     """
-    import deepspeed
+    import deepspeed  # picks its accelerator on import: in the workers, after DS_ACCELERATOR is set
     from deepspeed.pipe import PipelineModule
 
-    cfg = spec.train
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-    gpt_cfg = GPTConfig.from_dict(spec.model)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(seed)
     reference = GPT(gpt_cfg)
     num_params = reference.num_params(non_embedding=False)
     checkpointing = {}
@@ -271,10 +266,9 @@ def build_pipeline_engine(spec, optimizer_fn, lr_lambda):
     )
     load_gpt_weights(module, reference)
     del reference
-    optimizer = optimizer_fn(module)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    optimizer = build_optimizer(module, cfg)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=module, optimizer=optimizer, lr_scheduler=schedule, config=spec.deepspeed
+        model=module, optimizer=optimizer, lr_scheduler=lr_schedule(optimizer, cfg), config=deepspeed_config
     )
     return engine, scheduler, num_params
 
@@ -306,9 +300,8 @@ class PipelineFeed:
         else:
             self.data.position = position
         # dp_rank, not the world rank: both ends of one pipeline must draw the same (masked) pairs
-        inputs, targets = self.objective.train_pair(tokens, self.coords.dp_rank, self.step, self.micro)
-        if loss_mask:  # SFT data: only completion tokens are targets
-            targets = masked_targets(targets, loss_mask[0])
+        mask = loss_mask[0] if loss_mask else None  # SFT data: only completion tokens are targets
+        inputs, targets = self.objective.train_pair(tokens, self.coords.dp_rank, self.step, self.micro, loss_mask=mask)
         self.micro += 1
         return inputs, targets
 
@@ -319,22 +312,14 @@ def reads_data(coords) -> bool:
 
 
 @torch.no_grad()
-def evaluate_pipeline(engine, batches: list[torch.Tensor], objective, masks: list[torch.Tensor] | None = None) -> float:
-    """Mean cross-entropy per target token over every pipeline's validation batches (engine.eval_batch).
-
-    masks: the batches' loss masks (SFT data): only masked-in targets count.
-    """
-    import torch.distributed as dist
-
-    dp_rank = engine.grid.data_parallel_id
-    pairs = [objective.eval_pair(b, dp_rank, i) for i, b in enumerate(batches)]
-    if masks is not None:
-        pairs = [(inputs, masked_targets(targets, mask)) for (inputs, targets), mask in zip(pairs, masks)]
+def evaluate_pipeline(engine, validation: ValidationSet, objective) -> float:
+    """Mean cross-entropy per target token over every pipeline's validation batches (engine.eval_batch)."""
+    pairs = validation.pairs(objective, engine.grid.data_parallel_id)
     # The stages agreed on the training activation shape once; validation rows may differ in count.
     engine.reset_activation_shape()
     losses = engine.eval_batch(iter(pairs), reduce_output=None, bcast_loss=False, num_micro_batches=len(pairs))
     engine.reset_activation_shape()
-    device = batches[0].device
+    device = validation.batches[0].device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (loss * tokens, tokens), last stage only
     if engine.is_last_stage():
         for loss, (_, targets) in zip(losses, pairs):
@@ -353,8 +338,7 @@ def full_state_dict(engine, cfg: GPTConfig) -> dict[str, torch.Tensor] | None:
     optimizer's fp32 master copy (a collective over the stage's data-parallel group); each stage's
     dp_rank 0 then sends its part to rank 0. The tied embedding is taken from stage 0.
     """
-    import torch.distributed as dist
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param  # in the workers only, after DS_ACCELERATOR is set
 
     part = {}
     for name, param in engine.module.named_parameters():
@@ -377,8 +361,6 @@ def full_state_dict(engine, cfg: GPTConfig) -> dict[str, torch.Tensor] | None:
 @torch.no_grad()
 def probe_logits(engine, probe: torch.Tensor) -> torch.Tensor | None:
     """The engine's logits (1, T, V) on one probe row, on world rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-
     engine.reset_activation_shape()
     # compute_loss=False would add the logits to the engine's running loss; a loss against the probe itself is harmless
     _, logits = engine.eval_batch(
@@ -446,17 +428,3 @@ def state_dict_from_checkpoint(deepspeed_dir: str | Path, cfg: GPTConfig, tag: s
     if unknown:
         raise InputError(f"{directory}: layer files hold parameters this GPT config has not: {unknown}")
     return state
-
-
-def export_pipeline(engine, spec, step: int, probe: torch.Tensor, directory: Path) -> None:
-    """The pipeline engine's consolidated fp32 weights as a raylm-gpt model dir, plus its logits on `probe`.
-
-    What raylm.train.loop writes for a plain engine (its `write_export`), so evaluate and serve load it
-    unchanged; a collective: every rank of every stage calls it.
-    """
-    from raylm.train.loop import write_export  # loop imports this module; import at call time
-
-    full = full_state_dict(engine, GPTConfig.from_dict(spec.model))
-    logits = probe_logits(engine, probe)
-    if full is not None:  # world rank 0
-        write_export(spec, step, full, probe, logits, directory, extra={"pipeline_stages": spec.train.pipeline_stages})
