@@ -71,11 +71,11 @@ SECTIONS = ("latency", "batching", "quantized", "autoscale")
 @contextlib.contextmanager
 def served(model_dir: str, overrides: list[str]):
     """Serve `model_dir` with these serve.* overrides; yields (base_url, seconds start_serve took); stops Serve after."""
-    from raylm.serve.app import start_serve, stop_serve
+    from raylm.serve.lifecycle import start_serve, stop_serve
 
     cfg = serve_config(model_dir, CACHE / "serve", ["serve.max_tokens_limit=128", *overrides])
     started = time.perf_counter()
-    base_url = start_serve(cfg)
+    base_url = start_serve(cfg.serve, cfg.context())
     try:
         yield base_url, time.perf_counter() - started
     finally:

@@ -20,21 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
+from raylm.serve.app import deployment_name
 from train_common import CACHE, DEMO_CONFIG
 
 MODEL = "demo"
 """The served model's name (the OpenAI `model` field)."""
 APP = "bench-serve"
 """The Serve application's name (run.name)."""
-DEPLOYMENT = "model-" + re.sub(r"[^A-Za-z0-9_.-]", "_", MODEL)
-"""The model's deployment in the Serve application: raylm.serve.app names it "model-<name>"."""
+DEPLOYMENT = deployment_name(MODEL)
+"""The model's deployment in the Serve application ("model-demo")."""
 
 
 # --- the model --------------------------------------------------------------------------------------------
@@ -62,7 +62,8 @@ def prepare_models(token_cfg, steps: int, seed: int, threads: int, preset: str =
     fp32 = root / "train" / "model"
     found = (fp32 / "config.json").exists()
     started = time.perf_counter()
-    summary = run_train(cfg)  # a finished output of this config is found and kept (a changed config retrains)
+    # Ray is connected by bench_serve.main; a finished output of this config is found and kept (a changed one retrains)
+    summary = run_train(cfg.train, cfg.context())
     train_s = time.perf_counter() - started
 
     loaded = load_model(fp32)

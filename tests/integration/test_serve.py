@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,21 +12,14 @@ openai = pytest.importorskip("openai")
 
 from raylm.config import load_config  # noqa: E402
 from raylm.serve.engine import CompletionJob, Engine  # noqa: E402
+from raylm.serve.lifecycle import start_serve, stop_serve  # noqa: E402
 
 API_KEY = "sk-test-raylm"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory, tiny_gpt):
+def served(ray_local, tmp_path_factory, tiny_gpt, free_port):
     """Two tiny models served on a free port; yields (base_url, model dirs)."""
-    from raylm.serve.app import start_serve, stop_serve
-
     root = tmp_path_factory.mktemp("serve")
     dirs = {"tiny": tiny_gpt("tiny", block_size=64, seed=0), "tiny-b": tiny_gpt("tiny-b", block_size=32, seed=1)}
     models = json.dumps({name: str(d) for name, d in dirs.items()})
@@ -46,7 +38,7 @@ def served(ray_local, tmp_path_factory, tiny_gpt):
             "--serve.autoscaling.max_replicas=1",
         ],
     )
-    base_url = start_serve(cfg)
+    base_url = start_serve(cfg.serve, cfg.context())
     try:
         yield base_url, dirs
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from raylm.config import load_config
+from raylm.serve.lifecycle import start_serve, stop_serve
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> float:
     pytest.fail(f"{what}: not within {timeout_s:.0f} s")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_replicas_scale_up_under_load_and_back_down(ray_local, tmp_path, tiny_gpt):
-    from raylm.serve.app import start_serve, stop_serve
-
+def test_replicas_scale_up_under_load_and_back_down(ray_local, tmp_path, tiny_gpt, free_port):
     model = tiny_gpt("tiny", block_size=64, seed=0)
     cfg = load_config(None, [
         f"--run.workdir={tmp_path}", f"--prepare.input={tmp_path}", "--run.name=autoscale",
@@ -51,7 +43,7 @@ def test_replicas_scale_up_under_load_and_back_down(ray_local, tmp_path, tiny_gp
         "--serve.autoscaling.downscale_delay_s=3", "--serve.autoscaling.look_back_period_s=3",
         "--serve.autoscaling.metrics_interval_s=0.5",
     ])  # fmt: skip
-    base_url = start_serve(cfg)
+    base_url = start_serve(cfg.serve, cfg.context())
     stop = threading.Event()
     answered, failed = [], []
 

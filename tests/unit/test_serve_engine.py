@@ -9,7 +9,7 @@ import torch
 
 from raylm.model.artifact import save_model
 from raylm.model.gpt import GPT, build_config
-from raylm.serve.engine import CompletionJob, Engine, _TextStream
+from raylm.serve.engine import CompletionJob, Engine, TextStream
 from raylm.serve.openai_api import APIError
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs."] * 10
@@ -86,7 +86,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes(tokenizer_f
     tok = Tokenizer.from_file(str(tokenizer_file))
     text = "jugs \u20ac\u00e9 fox END more"
     ids = tok.encode(text).ids
-    stream = _TextStream(tok, ("END",))
+    stream = TextStream(tok, ("END",))
     pieces = []
     for n in range(1, len(ids) + 1):
         if stream(ids[:n]):
@@ -192,7 +192,7 @@ def test_serve_config_file_is_a_valid_ray_serve_config(engine, tmp_path):
         f'--serve.models={{"real": "{engine.loaded.path}", "gone": "{tmp_path / "gone"}"}}',
         "--serve.autoscaling.max_replicas=3", "--serve.port=8123",
     ])  # fmt: skip
-    path = write_serve_config(cfg, tmp_path / "deploy" / "serve.yaml")
+    path = write_serve_config(cfg.serve, cfg.run.name, tmp_path / "deploy" / "serve.yaml")
     raw = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.model_validate(raw)  # Ray's own schema of `serve deploy` files
     app = schema.applications[0]
@@ -235,3 +235,24 @@ def test_an_int8_model_serves_through_the_same_engine(engine, tmp_path):
     # Batched, each job still gets its own budget. (Not the same text as alone: dynamic int8 quantizes a
     # layer's input with one scale for the whole batch, so a row's rounding depends on the rows beside it.)
     assert all(f is not None and f["completion_tokens"] <= j.max_tokens for f, j in zip(finals, jobs))
+
+
+def test_generation_jobs_of_completion_and_chat_requests():
+    from raylm.serve.ingress import generation_jobs
+    from raylm.serve.openai_api import CHAT_STOP, ChatCompletionRequest, CompletionRequest, chat_prompt
+
+    req = CompletionRequest(model="m", prompt=["a", "b"], n=2, seed=7, stop="x", echo=True, max_tokens=5, top_k=3)
+    jobs = generation_jobs(req)
+    assert [(j.prompt, j.seed) for j in jobs] == [("a", 7), ("a", 8), ("b", 7), ("b", 8)]  # choice j: seed + j
+    assert all(j.stop == ("x",) and j.echo and j.param == "prompt" and (j.max_tokens, j.top_k) == (5, 3) for j in jobs)
+    assert generation_jobs(CompletionRequest(model="m", prompt=[5, 6]))[0] == CompletionJob(prompt=[5, 6], seed=None)
+
+    chat = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "hi"}], n=2, stop=["y"], max_completion_tokens=4,
+        logprobs=True, top_logprobs=2,
+    )  # fmt: skip
+    jobs = generation_jobs(chat)
+    assert [j.seed for j in jobs] == [None, None] and len(jobs) == 2
+    assert jobs[0] == CompletionJob(
+        prompt=chat_prompt(chat.messages), max_tokens=4, stop=("y", CHAT_STOP), param="messages", logprobs=2
+    )

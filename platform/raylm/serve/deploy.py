@@ -15,12 +15,12 @@ cluster's Python needs raylm installed and the model directories at the same pat
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import yaml
 
+from raylm.serve.app import available_models, build_app, deployment_name, deployment_options
 from raylm.serve.config import ServeConfig
 
 IMPORT_PATH = "raylm.serve.deploy:app_builder"
@@ -28,59 +28,39 @@ IMPORT_PATH = "raylm.serve.deploy:app_builder"
 
 def app_builder(args: dict):
     """Serve's application builder: `args` = {"name": app name, "serve": the serve section} -> the raylm app."""
-    from raylm.serve.app import available_models, build_app
-
     serve_cfg = ServeConfig.model_validate(args["serve"])
     return build_app(serve_cfg.model_copy(update={"models": available_models(serve_cfg)}), args.get("name", "raylm"))
 
 
-def deployment_options(serve_cfg: ServeConfig) -> dict:
-    """Replica resources and limits of every model deployment (build_app and the config file both use these)."""
-    actor = {"num_cpus": serve_cfg.num_cpus_per_replica}
-    if serve_cfg.num_gpus_per_replica > 0:
-        actor["num_gpus"] = serve_cfg.num_gpus_per_replica
-    auto = serve_cfg.autoscaling
-    return {
-        "ray_actor_options": actor,
-        "autoscaling_config": auto.model_dump(),
-        # Room for a full batch being decoded and the next one gathering.
-        "max_ongoing_requests": max(2 * serve_cfg.max_batch_size, math.ceil(auto.target_ongoing_requests)),
-        # Let a replica that is scaled down finish the requests it is decoding.
-        "graceful_shutdown_timeout_s": 30.0,
-    }
-
-
-def serve_config_file(cfg) -> dict:
-    """The Ray Serve config (the `serve deploy` schema) of the run config's serve section."""
-    from raylm.serve.app import available_models, deployment_name
-
-    serve_cfg: ServeConfig = cfg.serve
+def serve_config_file(serve_cfg: ServeConfig, app_name: str) -> dict:
+    """The Ray Serve config (the `serve deploy` schema) of a serve section, its app named `app_name` (the run's name)."""
     models = {name: str(Path(path).resolve()) for name, path in serve_cfg.models.items()}
     present = available_models(serve_cfg.model_copy(update={"models": models}))
-    options = deployment_options(serve_cfg)
-    deployments = [{"name": deployment_name(m), **options} for m in sorted(present)]
+    # each deployment its own copy: YAML would write shared dicts as anchors, which an operator editing one
+    # deployment's resources in the file would change for all of them
+    deployments = [{"name": deployment_name(m), **deployment_options(serve_cfg)} for m in sorted(present)]
     deployments.append({"name": "openai", "num_replicas": serve_cfg.ingress_replicas})
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": serve_cfg.host, "port": serve_cfg.port},
         "applications": [
             {
-                "name": cfg.run.name,
+                "name": app_name,
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
-                "args": {"name": cfg.run.name, "serve": serve_cfg.model_copy(update={"models": present}).model_dump()},
+                "args": {"name": app_name, "serve": serve_cfg.model_copy(update={"models": present}).model_dump()},
                 "deployments": deployments,
             }
         ],
     }
 
 
-def write_serve_config(cfg, path: str | os.PathLike) -> Path:
-    """Write serve_config_file(cfg) as YAML to `path` (atomically: a reader never sees half a file)."""
+def write_serve_config(serve_cfg: ServeConfig, app_name: str, path: str | os.PathLike) -> Path:
+    """Write serve_config_file(serve_cfg, app_name) as YAML to `path` (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     header = "# Ray Serve config written by `raylm serve-config`; deploy with: serve deploy " + str(path) + "\n"
-    tmp.write_text(header + yaml.safe_dump(serve_config_file(cfg), sort_keys=False))
+    tmp.write_text(header + yaml.safe_dump(serve_config_file(serve_cfg, app_name), sort_keys=False))
     tmp.replace(path)
     return path

@@ -70,7 +70,7 @@ def token_bytes(tokenizer, token_id: int) -> list[int]:
     return list(tokenizer.decode([token_id]).encode("utf-8"))
 
 
-class _TextStream:
+class TextStream:
     """The completion's text as tokens arrive: finds stop strings, emits only text that is final.
 
     Called after every new token (it is the SamplingParams.stop_check); `take` returns the text
@@ -105,7 +105,7 @@ class PreparedJob:
 
     prompt_ids: list[int]
     params: SamplingParams
-    text: _TextStream
+    text: TextStream
     prefix: str = ""
     """Text sent before the completion (the prompt, with echo)."""
     completion_tokens: int = field(default=0)
@@ -152,7 +152,7 @@ class Engine:
                 param=job.param,
                 code="context_length_exceeded",
             )
-        text = _TextStream(self.tokenizer, tuple(job.stop))
+        text = TextStream(self.tokenizer, tuple(job.stop))
         params = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=job.temperature,
