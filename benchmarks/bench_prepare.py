@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -26,8 +27,13 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_common import (NUM_PERM, PREPARE_OVERRIDES, ROOT, THRESHOLD, build_corpus, datasketch_dedup,  # noqa: E402
-                            raylm_removed, scores, shingle_sets, truth, write_shards)  # fmt: skip
+from prepare_common import (NUM_PERM, PREPARE_OVERRIDES, ROOT, THRESHOLD, PeakMemory, build_corpus,  # noqa: E402
+                            datasketch_dedup, edit, raylm_removed, scores, shingle_sets, truth, write_shards)  # fmt: skip
+
+from raylm.config import load_config  # noqa: E402
+from raylm.data.minhash import MinHasher, estimate_jaccard, jaccard, shingle_hashes, words  # noqa: E402
+from raylm.runtime import init_ray  # noqa: E402
+from raylm.stages import run_stage  # noqa: E402
 
 
 def run_raylm_prepare(corpus_dir: Path, workdir: Path) -> dict:
@@ -62,12 +68,7 @@ def minhash_crosscheck(corpus: list[dict], pairs: int = 300, seed: int = 3) -> d
 
     Pairs: a base document of the corpus and a copy edited at a rate from 1% to 20% (Jaccard 0.2-0.95).
     """
-    import random
-
-    from datasketch import MinHash
-
-    from prepare_common import edit
-    from raylm.data.minhash import MinHasher, estimate_jaccard, jaccard, shingle_hashes, words
+    from datasketch import MinHash  # a test extra, and only this baseline needs it
 
     rng = random.Random(seed)
     hasher = MinHasher(NUM_PERM, seed=42)
@@ -95,13 +96,7 @@ def run_warm(sizes: list[int], tmp: Path) -> list[dict]:
 
     Only the stage's own time is measured: no Ray start, no cold worker processes.
     """
-    from prepare_common import PeakMemory
-
-    from raylm.config import load_config
-    from raylm.data.prepare import run_prepare
-    from raylm.runtime import init_ray
-
-    init_ray(num_cpus=4)
+    init_ray(num_cpus=4)  # the running Ray every run_stage below connects to
     rows = []
     for i, base in enumerate([300, *sizes]):  # the first, small corpus only warms the workers up
         corpus = build_corpus(base, seed=2)
@@ -110,7 +105,7 @@ def run_warm(sizes: list[int], tmp: Path) -> list[dict]:
                           [f"prepare.input={corpus_dir}", f"run.workdir={tmp / f'warm-run-{base}'}", *PREPARE_OVERRIDES])  # fmt: skip
         with PeakMemory() as mem:
             started = time.perf_counter()
-            stats = run_prepare(cfg)["stats"]
+            stats = run_stage("prepare", cfg)["stats"]
             seconds = time.perf_counter() - started
         if i == 0:
             continue

@@ -27,6 +27,10 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 
+from raylm.data.components import union_find_components
+from raylm.data.filters import FILTER_NAMES
+from raylm.data.minhash import jaccard, shingle_hashes, words
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "platform/raylm/assets/demo_corpus"
 THRESHOLD = 0.8
@@ -40,11 +44,7 @@ PREPARE_OVERRIDES = [
     f"prepare.dedup.fuzzy.num_perm={NUM_PERM}",
     "prepare.filters.length.min_chars=20",
     "prepare.filters.word_count.min_words=5",
-    *(
-        f"prepare.filters.{name}.enabled=false"
-        for name in ("mean_word_length", "symbol_ratio", "alpha_words", "stop_words", "repetition",
-                     "ellipsis_lines", "bullet_lines")  # fmt: skip
-    ),
+    *(f"prepare.filters.{name}.enabled=false" for name in FILTER_NAMES if name not in ("length", "word_count")),
 ]
 
 
@@ -124,22 +124,16 @@ def write_shards(corpus: list[dict], root: Path, shards: int) -> Path:
 
 
 def shingle_sets(corpus: list[dict]) -> dict:
-    from raylm.data.minhash import shingle_hashes
-
     return {d["id"]: shingle_hashes(d["text"], "word", NGRAM) for d in corpus}
 
 
 def union_find_removed(pairs) -> set[str]:
     """All but the smallest id of each connected component of `pairs` (documents in no pair are kept)."""
-    from raylm.data.components import union_find_components
-
     return {node for node, root in union_find_components(list(pairs)).items() if node != root}
 
 
 def truth(corpus: list[dict], shingles: dict, threshold: float = THRESHOLD) -> tuple[set[str], int]:
     """(the true removed set, number of pairs scored) by exact Jaccard over every pair sharing a shingle."""
-    from raylm.data.minhash import jaccard
-
     index: dict[int, list[str]] = defaultdict(list)
     for doc_id, hs in shingles.items():
         for h in hs.tolist():
@@ -163,9 +157,7 @@ def scores(removed: set[str], true_removed: set[str]) -> dict:
 
 def datasketch_dedup(corpus: list[dict], threshold: float = THRESHOLD) -> tuple[set[str], float]:
     """The usual single-process datasketch pipeline: MinHash, MinHashLSH, union-find of candidates (no verification)."""
-    from datasketch import MinHash, MinHashLSH
-
-    from raylm.data.minhash import words
+    from datasketch import MinHash, MinHashLSH  # a test extra, and only this baseline needs it
 
     started = time.perf_counter()
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)

@@ -16,9 +16,11 @@ from raylm.artifacts import read_manifest
 from raylm.cli import main as cli_main
 from raylm.config import load_config
 from raylm.data.clean import clean_text
-from raylm.data.prepare import run_prepare
+from raylm.data.dedup_exact import text_hash
+from raylm.data.filters import FILTER_NAMES
 from raylm.data.split import split_of
 from raylm.errors import InputError
+from raylm.stages import run_stage
 
 VALIDATION_FRACTION = 0.25
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa".split()
@@ -65,8 +67,7 @@ def _write_shards(root: Path, rows: list[dict], names: list[str]) -> Path:
     return root
 
 
-_OTHER_FILTERS = ("mean_word_length", "symbol_ratio", "alpha_words", "stop_words", "repetition", "ellipsis_lines",
-                  "bullet_lines")  # fmt: skip
+_OTHER_FILTERS = tuple(name for name in FILTER_NAMES if name not in ("length", "word_count"))
 
 
 def _removed_by_filter(stats: dict) -> dict[str, int]:
@@ -103,7 +104,7 @@ def three_shards(ray_local, tmp_path_factory):
     # Rotate so that every copy lands in a different shard than its original.
     corpus = _write_shards(tmp / "raw", rows[1:] + rows[:1], ["s0.jsonl", "s1.jsonl.gz", "s2.parquet"])
     cfg = _cfg(corpus, tmp / "run", "prepare.id_field=id")
-    return cfg, run_prepare(cfg)
+    return cfg, run_stage("prepare", cfg)
 
 
 def test_prepare_filters_dedups_and_splits(three_shards):
@@ -145,7 +146,7 @@ def test_rerun_is_a_no_op(three_shards):
     cfg, result = three_shards
     manifest = Path(cfg.prepare.output) / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    again = run_prepare(cfg)
+    again = run_stage("prepare", cfg)
     assert again["reused"] is True
     assert again["stats"] == result["stats"]
     assert manifest.stat().st_mtime_ns == before
@@ -155,7 +156,7 @@ def test_result_does_not_depend_on_sharding(three_shards, tmp_path):
     cfg3, _ = three_shards
     corpus = _write_shards(tmp_path / "raw", list(reversed(_records())), ["all.jsonl"])
     cfg1 = _cfg(corpus, tmp_path / "run", "prepare.id_field=id")
-    one = run_prepare(cfg1)
+    one = run_stage("prepare", cfg1)
     assert one["stats"]["input_files"] == 1
     out1, out3 = _output(cfg1.prepare.output), _output(cfg3.prepare.output)
     # Same documents, same splits, same order (rows are ordered by text hash).
@@ -166,7 +167,7 @@ def test_default_ids_are_file_and_line(ray_local, tmp_path):
     corpus = _write_shards(tmp_path / "raw", _records()[:6], ["a.jsonl", "b.parquet"])
     # Fuzzy dedup on, with nothing near-duplicate to find: it must pass every document through.
     cfg = _cfg(corpus, tmp_path / "run", "prepare.validation_fraction=0.5", "prepare.dedup.fuzzy.enabled=true")
-    stats = run_prepare(cfg)["stats"]
+    stats = run_stage("prepare", cfg)["stats"]
     assert stats["dedup_fuzzy"]["removed"]["documents"] == 0 and stats["dedup_fuzzy"]["clusters"] == 0
     assert pq.read_table(Path(cfg.prepare.output) / "duplicates/fuzzy").num_rows == 0
     ids = sorted(r["id"] for rows in _output(cfg.prepare.output).values() for r in rows)
@@ -184,7 +185,7 @@ def test_malformed_json_line_names_file_and_line(ray_local, tmp_path):
     (corpus / "bad.jsonl").write_text('{"text": "fine, fine, fine, fine, fine"}\n{"text": "oops\n')
     cfg = _cfg(corpus, tmp_path / "run", "prepare.on_error=fail")
     with pytest.raises(InputError) as err:
-        run_prepare(cfg)
+        run_stage("prepare", cfg)
     message = str(err.value)
     assert re.fullmatch(r".*bad\.jsonl:2: malformed JSON \(.*\)", message), message
     _assert_nothing_written(cfg)
@@ -196,7 +197,7 @@ def test_missing_text_field_names_file_and_line(ray_local, tmp_path):
     _write_jsonl(corpus / "x.jsonl.gz", [{"text": "a b c d e f g h i j k"}, {"body": "no text here"}])
     cfg = _cfg(corpus, tmp_path / "run", "prepare.on_error=fail")
     with pytest.raises(InputError, match=r"x\.jsonl\.gz:2: record has no text field 'text'") as err:
-        run_prepare(cfg)
+        run_stage("prepare", cfg)
     assert "\n" not in str(err.value)
     _assert_nothing_written(cfg)
 
@@ -214,7 +215,7 @@ def test_missing_input_is_one_line_from_the_cli(ray_local, tmp_path, capsys, rep
 def test_demo_corpus(ray_local, tmp_path, repo_root):
     """The bundled corpus through the demo config: the planted junk, copies and near copies are removed (ATTRIBUTION.md)."""
     cfg = load_config(repo_root / "configs/demo.yaml", [f"run.workdir={tmp_path}"])
-    stats = run_prepare(cfg)["stats"]
+    stats = run_stage("prepare", cfg)["stats"]
     assert stats["input_files"] == 6
     assert stats["read"]["documents"] == 1161
     assert _removed_by_filter(stats) == {"empty": 2, "length": 3, "word_count": 1, "repetition": 4}
@@ -237,7 +238,7 @@ def test_nothing_left_after_filtering_is_an_error(ray_local, tmp_path):
     corpus = _write_shards(tmp_path / "raw", [{"text": "too short"}, {"text": ""}], ["tiny.jsonl"])
     cfg = _cfg(corpus, tmp_path / "run")
     with pytest.raises(InputError, match=r"no document passes the filters \(see prepare.filters"):
-        run_prepare(cfg)
+        run_stage("prepare", cfg)
     _assert_nothing_written(cfg)
 
 
@@ -267,7 +268,7 @@ def test_bad_records_are_quarantined_and_good_neighbours_kept(ray_local, tmp_pat
     (raw / "gone.jsonl").symlink_to(tmp_path / "deleted.jsonl")  # a dangling link: unreadable
     _write_jsonl(raw / "fine.jsonl", good[9:])
     cfg = _cfg(raw, tmp_path / "run", "prepare.id_field=id")
-    stats = run_prepare(cfg)["stats"]
+    stats = run_stage("prepare", cfg)["stats"]
 
     kept = {r["id"] for rows in _output(cfg.prepare.output).values() for r in rows}
     quarantine = _read_quarantine(cfg.prepare.output)
@@ -289,12 +290,27 @@ def test_bad_records_are_quarantined_and_good_neighbours_kept(ray_local, tmp_pat
     assert "Quarantined records: 8" in (Path(cfg.prepare.output) / "report.md").read_text()
 
 
+def test_a_shard_of_bad_records_only_and_no_dedup_still_gives_the_sorted_output(ray_local, tmp_path):
+    """The filter of good documents leaves the bad shard's blocks empty; with no dedup step before it, the final
+    sort gets those empty blocks, and the output still holds every good document, in order."""
+    raw = _write_shards(tmp_path / "raw", [r for r in _records() if not r["id"].startswith("j-")], ["a.jsonl", "b.jsonl"])
+    (raw / "zz_bad.jsonl").write_text('{"id": "x1", "text": "unterminated\n["not an object"]\n{"id": "x2", "body": "x"}\n')
+    cfg = _cfg(raw, tmp_path / "run", "prepare.id_field=id", "prepare.dedup.exact.enabled=false")
+    stats = run_stage("prepare", cfg)["stats"]
+    assert stats["quarantined"]["documents"] == 3
+    output = _output(cfg.prepare.output)
+    assert sum(len(rows) for rows in output.values()) == 45  # every good record: no dedup, no filter drops one
+    for rows in output.values():
+        keys = [(int(text_hash(r["text"])[:15], 16), r["id"]) for r in rows]
+        assert keys == sorted(keys)
+
+
 def test_on_error_fail_stops_at_the_first_bad_record(ray_local, tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.jsonl").write_bytes(b'{"id": "ok", "text": "fine fine fine fine fine fine fine"}\n{"id": "x", "text": "\xff"}\n')
     cfg = _cfg(raw, tmp_path / "run", "prepare.on_error=fail")
     with pytest.raises(InputError, match=r"a\.jsonl:2: .*UTF-8") as err:
-        run_prepare(cfg)
+        run_stage("prepare", cfg)
     assert "\n" not in str(err.value)
     _assert_nothing_written(cfg)

@@ -21,8 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylm.config import load_config
+from raylm.data.filters import FILTER_NAMES
 from raylm.data.minhash import jaccard, shingle_hashes
-from raylm.data.prepare import run_prepare
+from raylm.stages import run_stage
 
 THRESHOLD = 0.8
 ASSETS = Path(__file__).resolve().parents[2] / "platform/raylm/assets/demo_corpus"
@@ -30,11 +31,7 @@ ASSETS = Path(__file__).resolve().parents[2] / "platform/raylm/assets/demo_corpu
 PERMISSIVE = [
     "prepare.filters.length.min_chars=50",
     "prepare.filters.word_count.min_words=20",
-    *(
-        f"prepare.filters.{name}.enabled=false"
-        for name in ("mean_word_length", "symbol_ratio", "alpha_words", "stop_words", "repetition",
-                     "ellipsis_lines", "bullet_lines")  # fmt: skip
-    ),
+    *(f"prepare.filters.{name}.enabled=false" for name in FILTER_NAMES if name not in ("length", "word_count")),
 ]
 
 
@@ -140,7 +137,7 @@ def one_run(ray_local, corpus, tmp_path_factory):
     docs, _ = corpus
     tmp = tmp_path_factory.mktemp("dedup")
     cfg = _cfg(write_shards(docs, tmp / "raw", 1), tmp / "run")
-    return cfg, run_prepare(cfg)
+    return cfg, run_stage("prepare", cfg)
 
 
 def test_removed_set_equals_exact_jaccard_truth(corpus, one_run):
@@ -188,7 +185,7 @@ def test_kept_ids_do_not_depend_on_sharding(corpus, one_run, tmp_path, shards, e
     docs, _ = corpus
     cfg1, _ = one_run
     cfg = _cfg(write_shards(list(reversed(docs)), tmp_path / "raw", shards), tmp_path / "run", *extra)
-    run_prepare(cfg)
+    run_stage("prepare", cfg)
     assert kept_ids(cfg.prepare.output) == kept_ids(cfg1.prepare.output)
     for split in ("train", "validation"):
         ours = pq.read_table(Path(cfg.prepare.output) / split).to_pylist()

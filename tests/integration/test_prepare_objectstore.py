@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raylm.config import load_config
-from raylm.data.prepare import run_prepare
-from raylm.data.readers import list_input_files
+from raylm.data.filters import FILTER_NAMES
+from raylm.data.sources import list_input_files
+from raylm.stages import run_stage
 
 boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto", reason="moto[server] provides the S3-compatible server")
@@ -24,20 +25,13 @@ DOCS = [{"id": f"doc{i:02d}", "text": f"Document number {i} says the quick brown
         for i in range(20)]  # fmt: skip
 CFG = ["prepare.id_field=id", "prepare.filters.length.min_chars=20", "prepare.filters.word_count.min_words=5",
        "prepare.dedup.fuzzy.enabled=false", "prepare.validation_fraction=0.2",
-       *(f"prepare.filters.{f}.enabled=false" for f in ("mean_word_length", "symbol_ratio", "alpha_words",
-                                                         "stop_words", "repetition", "ellipsis_lines", "bullet_lines"))]  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+       *(f"prepare.filters.{f}.enabled=false" for f in FILTER_NAMES if f not in ("length", "word_count"))]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3(tmp_path_factory, free_port):
     """An S3 endpoint with bucket `corpus` holding two shards under raw/, and the same shards on local disk."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 60
@@ -84,8 +78,8 @@ def test_lists_the_bucket_like_a_directory(s3):
 def test_prepare_from_s3_equals_prepare_from_disk(ray_local, s3, tmp_path):
     from_s3 = load_config(None, ["prepare.input=s3://corpus/raw/", f"run.workdir={tmp_path / 's3'}", *CFG])
     from_disk = load_config(None, [f"prepare.input={s3}", f"run.workdir={tmp_path / 'disk'}", *CFG])
-    stats = run_prepare(from_s3)["stats"]
-    run_prepare(from_disk)
+    stats = run_stage("prepare", from_s3)["stats"]
+    run_stage("prepare", from_disk)
     assert stats["read"]["documents"] == len(DOCS) and stats["quarantined"]["documents"] == 0
     for split in ("train", "validation"):
         assert (pq.read_table(f"{from_s3.prepare.output}/{split}").to_pylist()

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from raylm.data.dedup_exact import mark_duplicates, text_hash
 from raylm.data.dedup_fuzzy import attach_text_a, bucket_pairs, drop_removed
-from raylm.data.shuffle import _split_sides, _tag_side, partition_of, stable_hash64
+from raylm.data.shuffle import partition_of, split_sides, stable_hash64, tag_side
 
 
 def test_stable_hash_is_the_same_in_another_process():
@@ -84,10 +84,10 @@ def test_co_group_sides_round_trip():
     right_schema = pa.schema([("id", pa.string()), ("text", pa.string())])
     schema = pa.schema([("_key", pa.string()), ("_side", pa.int8()), ("a", pa.string()), ("b", pa.string()),
                         ("id", pa.string()), ("text", pa.string())])  # fmt: skip
-    left = _tag_side(pa.table({"a": ["x"], "b": ["y"]}), key="a", side=0, schema=schema)
-    right = _tag_side(pa.table({"id": ["x"], "text": ["X"]}), key="id", side=1, schema=schema)
+    left = tag_side(pa.table({"a": ["x"], "b": ["y"]}), key="a", side=0, schema=schema)
+    right = tag_side(pa.table({"id": ["x"], "text": ["X"]}), key="id", side=1, schema=schema)
     both = pa.concat_tables([left, right])
-    seen = _split_sides(both, inner=lambda l, r: pa.table({"n": [l.num_rows, r.num_rows]}),
-                        left_names=left_schema.names, right_names=right_schema.names, fn_kwargs={})  # fmt: skip
+    seen = split_sides(both, inner=lambda l, r: pa.table({"n": [l.num_rows, r.num_rows]}),
+                       left_names=left_schema.names, right_names=right_schema.names, fn_kwargs={})  # fmt: skip
     assert seen.column("n").to_pylist() == [1, 1]
     assert both.column("_key").to_pylist() == ["x", "x"]

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from raylm.data.readers import list_input_files, read_shard, resolve_input
+from raylm.data.readers import read_shard
+from raylm.data.sources import list_input_files, resolve_input
 from raylm.errors import InputError
 
 

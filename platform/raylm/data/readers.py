@@ -1,218 +1,48 @@
-"""Find raw text shards, local or in object storage, and stream them as documents with stable ids.
+"""Read raw text shards as documents with stable ids, and bad records as rows that say what is wrong and where.
 
-Formats, by suffix: JSON Lines (`.jsonl`, `.ndjson`, `.json`: one object per line), Parquet
-(`.parquet`) and plain text (`.txt`: a document per file, paragraph or line, `txt_documents`);
-JSON Lines and text may be compressed (`.gz`, `.zst`). Locations: a local file, directory
-(searched recursively) or glob, `package:<name>` (a bundled corpus), or the same under an
-object-store URI (`s3://bucket/prefix/`, `gs://...`, any scheme pyarrow or fsspec knows), with
-credentials and endpoints from the environment as the cloud SDKs read them (AWS_ACCESS_KEY_ID,
-AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS, ...).
+Formats, by suffix (raylm.data.sources lists the shards): JSON Lines (one object per line),
+Parquet and plain text (a document per file, paragraph or line, `txt_documents`); JSON Lines
+and text may be compressed (`.gz`, `.zst`). Shards under an object-store URI are opened
+through raylm.storage, with credentials and endpoints from the environment.
 
 Every document gets an id that does not change between runs: the configured id field, else
 `<name>:<line>` (JSON Lines and text, 1-based like an editor), `<name>:<row>` (Parquet, 0-based
-like pyarrow) or `<name>` (a whole text file), where `<name>` is the path relative to the input
-root, so that ids do not depend on where the corpus is mounted.
+like pyarrow) or `<name>` (a whole text file), where `<name>` is the shard's path relative to
+the input root.
 
-The driver only lists files; records are read inside Ray Data tasks, one file per task, in
-blocks of at most `batch_rows` documents. Bad records (malformed JSON, invalid UTF-8, a missing
-text field, an empty, truncated or unreadable file) become rows with `error_kind` and a
-one-line `error` naming file and line (`on_error: quarantine`), or stop the run at the first one
-(`on_error: fail`). A bad record never takes its good neighbours with it.
+Records are read inside Ray Data tasks (`read_documents`), one shard per task, in blocks of at
+most `batch_rows` documents. Bad records (malformed JSON, invalid UTF-8, a missing text field,
+an empty, truncated or unreadable file) become rows with `error_kind` and a one-line `error`
+naming file and line (`on_error: quarantine`), or stop the run at the first one (`on_error:
+fail`). A bad record never takes its good neighbours with it.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import gzip
 import json
-import os
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import IO, Any, Iterator
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import ray
+import zstandard
 from ray.data.exceptions import UserCodeException
 
+from raylm.data.config import PrepareConfig
+from raylm.data.sources import InputFile, first_line
 from raylm.errors import InputError
+from raylm.storage import filesystem, is_uri, storage_credentials
 
-PACKAGE_PREFIX = "package:"
-"""`package:<name>` names a corpus bundled in raylm/assets/<name>."""
-COMPRESSIONS = ("", ".gz", ".zst")
-JSONL_SUFFIXES = tuple(s + c for s in (".jsonl", ".ndjson", ".json") for c in COMPRESSIONS)
-TEXT_SUFFIXES = tuple(".txt" + c for c in COMPRESSIONS)
-PARQUET_SUFFIXES = (".parquet",)
-SUPPORTED = ", ".join((".jsonl", ".ndjson", ".json", ".txt", ".parquet")) + " (JSON Lines and text also .gz, .zst)"
 MAX_EXCERPT = 64 * 1024
 """Characters of a bad record kept in the quarantine."""
 READ_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("error_kind", pa.string()), ("error", pa.string())])
 """What the reader emits: documents (error columns null) and bad records (error_kind, error set)."""
 ERROR_KINDS = ("malformed_json", "invalid_utf8", "not_an_object", "missing_text", "missing_id", "empty_file",
                "truncated", "unreadable")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """One shard to read."""
-
-    path: str
-    """Where to open it: a local path or a URI."""
-    name: str
-    """Its path relative to the input root (or its file name): the `<name>` part of default ids."""
-    format: str
-    """`jsonl`, `parquet` or `txt`."""
-    size_bytes: int
-    mtime_ns: int = 0
-    readable: bool = True
-    """False for a file that was listed but cannot be opened: the reader reports it as `unreadable`."""
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def resolve_input(spec: str) -> str:
-    """The local path, glob or URI behind an input spec; `package:<name>` is the bundled corpus `<name>`."""
-    if not spec.startswith(PACKAGE_PREFIX):
-        return spec if is_uri(spec) else os.path.expanduser(spec)
-    name = spec[len(PACKAGE_PREFIX) :]
-    assets = Path(str(resources.files("raylm").joinpath("assets")))
-    corpus = assets / name
-    if not name or not corpus.is_dir():
-        known = sorted(p.name for p in assets.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
-        raise InputError(f"{spec}: no bundled corpus named {name!r} (bundled: {', '.join(known) or 'none'})")
-    return str(corpus)
-
-
-def shard_format(path: str) -> str | None:
-    """`jsonl`, `parquet`, `txt`, or None for a file name with no supported suffix."""
-    lower = path.lower()
-    if lower.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if lower.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if lower.endswith(TEXT_SUFFIXES):
-        return "txt"
-    return None
-
-
-def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a local path or URI, and the path within it.
-
-    Schemes pyarrow knows (file, s3, gs, hdfs, abfs) use its native clients; others go through
-    fsspec when an fsspec implementation for them is installed.
-    """
-    if not is_uri(path):
-        return pafs.LocalFileSystem(), path
-    try:
-        return pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as native_error:
-        try:
-            import fsspec
-            from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-            fs, inner = fsspec.core.url_to_fs(path)
-            return PyFileSystem(FSSpecHandler(fs)), inner
-        except Exception:
-            raise InputError(f"{path}: cannot open this location ({_first_line(native_error)})") from None
-
-
-def _is_hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in Path(rel).parts)
-
-
-def list_input_files(spec: str, on_error: str = "quarantine") -> list[InputFile]:
-    """The shards an input spec names, sorted by name: a directory (searched recursively), a glob, or one file.
-
-    In a directory or glob, files without a supported suffix (a README, a script) and hidden
-    files are skipped. A missing input, or one with no shard, is an InputError. A shard that
-    cannot be read is an InputError with `on_error: fail`, else it is listed as unreadable.
-    """
-    path = resolve_input(spec)
-    if is_uri(path):
-        files = _list_uri(spec, path)
-    else:
-        files = _list_local(spec, path)
-    for f in files:
-        if not f.readable and on_error == "fail":
-            raise InputError(f"{f.path}: not readable")
-    return files
-
-
-def _list_local(spec: str, path: str) -> list[InputFile]:
-    if glob.has_magic(path):
-        root = _static_prefix(path)
-        matches = [p for p in glob.glob(path, recursive=True) if os.path.isfile(p) or os.path.islink(p)]
-        if not matches:
-            raise InputError(f"{spec}: no files match")
-        found = [(p, os.path.relpath(p, root)) for p in matches]
-    elif os.path.isdir(path):
-        found = [
-            (os.path.join(d, f), os.path.relpath(os.path.join(d, f), path))
-            for d, _, files in os.walk(path)
-            for f in files
-        ]
-    elif os.path.isfile(path) or os.path.islink(path):
-        if shard_format(path) is None:
-            raise InputError(f"{spec}: unsupported file type (expected one of {SUPPORTED})")
-        found = [(path, os.path.basename(path))]
-    else:
-        raise InputError(f"{spec}: input not found")
-    shards = sorted(((p, rel) for p, rel in found if shard_format(p) and not _is_hidden(rel)), key=lambda s: s[1])
-    if not shards:
-        raise InputError(f"{spec}: no shards ({SUPPORTED}) found")
-    files = []
-    for p, rel in shards:
-        readable = os.path.isfile(p) and os.access(p, os.R_OK)
-        st = os.stat(p) if readable else os.lstat(p)
-        files.append(InputFile(p, rel, shard_format(p), st.st_size if readable else 0, st.st_mtime_ns, readable))
-    return files
-
-
-def _list_uri(spec: str, uri: str) -> list[InputFile]:
-    fs, inner = filesystem(uri)
-    scheme = uri.split("://", 1)[0] + "://"
-    try:
-        if glob.has_magic(inner):
-            root = _static_prefix(inner)
-            infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.is_file]
-            # `**/` also matches no directory at all, as in a local recursive glob.
-            patterns = {inner, inner.replace("**/", "")}
-            infos = [i for i in infos if any(fnmatch.fnmatch(i.path, p) for p in patterns)]
-        else:
-            info = fs.get_file_info(inner)
-            if info.type == pafs.FileType.NotFound:
-                raise InputError(f"{spec}: input not found")
-            root = inner if info.type == pafs.FileType.Directory else os.path.dirname(inner)
-            if info.type == pafs.FileType.Directory:
-                infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.is_file]
-            else:
-                if shard_format(inner) is None:
-                    raise InputError(f"{spec}: unsupported file type (expected one of {SUPPORTED})")
-                infos = [info]
-    except OSError as e:
-        raise InputError(f"{spec}: cannot list ({_first_line(e)})") from None
-    files = []
-    for i in infos:
-        rel = os.path.relpath(i.path, root) if root else i.path
-        if shard_format(i.path) and not _is_hidden(rel):
-            mtime = i.mtime_ns or 0
-            files.append(InputFile(scheme + i.path, rel, shard_format(i.path), int(i.size or 0), mtime))
-    if not files:
-        raise InputError(f"{spec}: no shards ({SUPPORTED}) found")
-    return sorted(files, key=lambda f: f.name)
-
-
-def _static_prefix(pattern: str) -> str:
-    """The directory part of a glob before its first wildcard: `data/*/x.jsonl` -> `data`."""
-    parts = Path(pattern).parts
-    static = parts[: next(i for i, p in enumerate(parts) if glob.has_magic(p))]
-    return os.path.join(*static) if static else "."
 
 
 class ShardInputError(InputError, UserCodeException):
@@ -272,7 +102,7 @@ def _guarded(stream: IO[bytes]) -> Iterator[bytes]:
     try:
         yield from stream
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise _Truncated(_first_line(e)) from None
+        raise _Truncated(first_line(e)) from None
 
 
 def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -288,8 +118,6 @@ def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 def _zstd_lines(raw: IO[bytes], chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
     """Lines of a Zstandard stream of one or more frames; a frame cut short raises _Truncated after its last whole line."""
-    import zstandard
-
     dctx = zstandard.ZstdDecompressor()
     dobj, pending, fed = dctx.decompressobj(), b"", False
     try:
@@ -304,7 +132,7 @@ def _zstd_lines(raw: IO[bytes], chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
             for line in whole:
                 yield line + b"\n"
     except zstandard.ZstdError as e:
-        raise _Truncated(_first_line(e)) from None
+        raise _Truncated(first_line(e)) from None
     if fed:  # the input ended inside a frame; `pending` is a partial line, lost with the damage
         raise _Truncated("the last frame is incomplete")
     if pending:
@@ -395,7 +223,7 @@ def read_parquet(file: InputFile, text_field: str, id_field: str | None, batch_r
         else:
             pf = pq.ParquetFile(file.path)
     except (OSError, pa.ArrowException) as e:
-        yield [_bad(f"{file.name}:0", file.path, "unreadable", f"cannot read Parquet ({_first_line(e)})")]
+        yield [_bad(f"{file.name}:0", file.path, "unreadable", f"cannot read Parquet ({first_line(e)})")]
         return
     schema = pf.schema_arrow
     if text_field not in schema.names:
@@ -426,7 +254,7 @@ def read_parquet(file: InputFile, text_field: str, id_field: str | None, batch_r
             row += len(texts)
             yield records
     except (OSError, pa.ArrowException) as e:
-        yield [_bad(f"{file.name}:{row}", f"{file.path}: row {row}", "truncated", f"cannot read on ({_first_line(e)})")]
+        yield [_bad(f"{file.name}:{row}", f"{file.path}: row {row}", "truncated", f"cannot read on ({first_line(e)})")]
 
 
 def read_records(file: InputFile, text_field: str, id_field: str | None, batch_rows: int,
@@ -454,7 +282,7 @@ def read_records(file: InputFile, text_field: str, id_field: str | None, batch_r
                 count += len(records)
                 yield records
     except OSError as e:
-        yield [_bad(f"{file.name}:0", file.path, "unreadable", f"cannot read ({_first_line(e)})")]
+        yield [_bad(f"{file.name}:0", file.path, "unreadable", f"cannot read ({first_line(e)})")]
         return
     if count == 0:
         yield [_bad(f"{file.name}:0", file.path, "empty_file", "no records")]
@@ -493,6 +321,19 @@ def read_shards_batch(batch: dict[str, Any], *, text_field: str, id_field: str |
             raise ShardInputError(str(e)) from None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+def read_documents(files: list[InputFile], cfg: PrepareConfig):
+    """A Ray Dataset of documents and bad records: one read task per shard, streaming blocks of `read_batch_docs`."""
+    listing = ray.data.from_items([asdict(f) for f in files], override_num_blocks=len(files))
+    credentials = storage_credentials() if any(is_uri(f.path) for f in files) else {}
+    return listing.map_batches(
+        read_shards_batch,
+        batch_size=1,
+        **({"runtime_env": {"env_vars": credentials}} if credentials else {}),
+        fn_kwargs={
+            "text_field": cfg.text_field,
+            "id_field": cfg.id_field,
+            "batch_rows": cfg.read_batch_docs,
+            "txt_documents": cfg.txt_documents,
+            "on_error": cfg.on_error,
+        },
+    )

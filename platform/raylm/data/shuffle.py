@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import ray
+from ray.data.context import ShuffleStrategy
 
 PART = "_part"
 """The column holding a row's partition number while it is being shuffled."""
@@ -72,16 +73,15 @@ def _call_on_partition(group: pa.Table, *, fn: Callable[..., pa.Table], fn_kwarg
     return fn(real.drop_columns([PART, SENTINEL]), **fn_kwargs)
 
 
-def _use_hash_shuffle() -> None:
-    """Shuffle with Ray Data's hash shuffle in this process.
+GROUPING_SHUFFLE = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+"""The shuffle every `map_partitions` groups with.
 
-    Ray 2.60's default strategy (SHUFFLE_V2) fails to reduce a partition that received an empty
-    block without a schema (what a filter that matched nothing in a block produces): "Schema at
-    index 1 was different". The hash shuffle concatenates such blocks correctly.
-    """
-    from ray.data.context import ShuffleStrategy
-
-    ray.data.DataContext.get_current().shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+Ray 2.60's default strategy (SHUFFLE_V2) fails to reduce a partition that received an empty
+block without a schema (what a filter that matched nothing in a block produces): "Schema at
+index 1 was different". The sort-based shuffle concatenates such blocks correctly. It is set on
+the dataset being grouped, not on the process's DataContext: a dataset keeps the settings of
+the context it was made from, so a process-wide setting would miss datasets made before it.
+"""
 
 
 def map_partitions(ds, key: str, num_partitions: int, fn: Callable[..., pa.Table], *, schema: pa.Schema, **fn_kwargs):
@@ -93,13 +93,16 @@ def map_partitions(ds, key: str, num_partitions: int, fn: Callable[..., pa.Table
     Ray Data neither calls a batch function on an empty block nor groups an empty dataset, and
     a shuffle of filtered data can be empty.
     """
-    _use_hash_shuffle()
     tagged = ds.map_batches(
         _add_partition, batch_format="pyarrow", fn_kwargs={"key": key, "num_partitions": num_partitions, "schema": schema}
     )
     placeholders = ray.data.from_arrow(_sentinels(schema, num_partitions))
+    grouped = tagged.union(placeholders)
+    # The settings of this dataset, which it shares with the datasets it derives from (Ray Data passes a
+    # dataset's DataContext on to the datasets made from it).
+    grouped.context.shuffle_strategy = GROUPING_SHUFFLE
     return (
-        tagged.union(placeholders)
+        grouped
         .groupby(PART, num_partitions=num_partitions)
         .map_groups(_call_on_partition, batch_format="pyarrow", fn_kwargs={"fn": fn, "fn_kwargs": fn_kwargs})
     )
@@ -109,7 +112,7 @@ SIDE = "_side"
 KEY = "_key"
 
 
-def _tag_side(batch: pa.Table, *, key: str, side: int, schema: pa.Schema) -> pa.Table:
+def tag_side(batch: pa.Table, *, key: str, side: int, schema: pa.Schema) -> pa.Table:
     """One side's batch in the common schema: its key as `_key`, `_side` 0 or 1, the other side's columns null."""
     columns = {KEY: batch.column(key).cast(pa.string()), SIDE: pa.array([side] * batch.num_rows, pa.int8())}
     for field in schema:
@@ -123,7 +126,8 @@ def _tag_side(batch: pa.Table, *, key: str, side: int, schema: pa.Schema) -> pa.
     return pa.table(columns, schema=schema)
 
 
-def _split_sides(group: pa.Table, *, inner, left_names: list[str], right_names: list[str], fn_kwargs: dict) -> pa.Table:
+def split_sides(group: pa.Table, *, inner, left_names: list[str], right_names: list[str], fn_kwargs: dict) -> pa.Table:
+    """`inner(left_rows, right_rows, **fn_kwargs)` of a partition of rows tagged by `tag_side`, each side in its own columns."""
     side = group.column(SIDE).to_numpy()
     left = group.filter(pa.array(side == 0)).select(left_names)
     right = group.filter(pa.array(side == 1)).select(right_names)
@@ -147,14 +151,14 @@ def co_group(left, right, left_key: str, right_key: str, left_schema: pa.Schema,
             fields.append(field.with_nullable(True))
     schema = pa.schema(fields)
     tagged = [
-        ds.map_batches(_tag_side, batch_format="pyarrow", fn_kwargs={"key": key, "side": side, "schema": schema})
+        ds.map_batches(tag_side, batch_format="pyarrow", fn_kwargs={"key": key, "side": side, "schema": schema})
         for ds, key, side in ((left, left_key, 0), (right, right_key, 1))
     ]
     return map_partitions(
         tagged[0].union(tagged[1]),
         KEY,
         num_partitions,
-        _split_sides,
+        split_sides,
         schema=schema,
         inner=fn,
         left_names=left_schema.names,

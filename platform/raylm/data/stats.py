@@ -1,4 +1,5 @@
-"""Statistics of the prepare stage: per-block counts (pure functions on Arrow tables), their sums, and the report.
+"""Statistics of the prepare stage: per-block counts (pure functions on Arrow tables), their sums, the run's
+stats (`build_stats`) and the report.
 
 Every step reports documents, UTF-8 bytes and an estimate of tokens (bytes / 4, the usual
 ratio of English text under a byte-level BPE) coming out of it and removed by it.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from raylm.data.filters import FILTER_NAMES
+from raylm.data.split import SPLITS
 
 BYTES_PER_TOKEN = 4
 PII_KINDS = ("email", "ip_address", "phone_number")
@@ -77,6 +81,13 @@ def count_candidates(block: pa.Table, *, threshold: float) -> pa.Table:
     return table.group_by("key").aggregate([("key", "count")]).rename_columns(["key", "documents"])
 
 
+def count_cluster_sizes(part: pa.Table) -> pa.Table:
+    """Per partition of component roots (`root`, one row per node): how many clusters have each size."""
+    per_root = part.group_by("root").aggregate([("root", "count")])
+    hist = per_root.group_by("root_count").aggregate([("root_count", "count")])
+    return pa.table({"size": hist.column(0), "clusters": hist.column(1)})
+
+
 def size_histogram(sizes: dict[int, int]) -> dict[str, int]:
     """Cluster count per size bin: 2, 3, 4-7, 8-15, ... (powers of two)."""
     bins: dict[str, int] = {}
@@ -88,6 +99,70 @@ def size_histogram(sizes: dict[int, int]) -> dict[str, int]:
             label = f"{low}-{2 * low - 1}"
         bins[label] = bins.get(label, 0) + int(count)
     return bins
+
+
+def build_stats(num_files: int, docs: dict, exact: dict, fuzzy: dict, by_split: dict, output_seconds: float) -> dict:
+    """The stats of one run: documents, bytes and tokens out of each step, and what each removed."""
+    seconds = {"documents": docs["seconds"]}
+    docs = {k: v for k, v in docs.items() if k != "seconds"}
+    zero = {"documents": 0, "raw_bytes": 0, "bytes": 0}
+    good = {k: v for k, v in docs.items() if not k.startswith("quarantined:")}
+    quarantined = {k.split(":", 1)[1]: v["documents"] for k, v in docs.items() if k.startswith("quarantined:")}
+    read_docs = sum(v["documents"] for v in good.values())
+    read_bytes = sum(v["raw_bytes"] for v in good.values())
+    clean_bytes = sum(v["bytes"] for v in good.values())
+    kept = docs.get("kept", zero)
+    removed = {r: volume(docs.get(r, zero)["documents"], docs.get(r, zero)["bytes"]) for r in ("empty", *FILTER_NAMES)}
+    stats = {
+        "input_files": num_files,
+        "read": volume(read_docs, read_bytes),
+        "quarantined": {"documents": sum(quarantined.values()), "by_kind": dict(sorted(quarantined.items()))},
+        "clean": volume(read_docs, clean_bytes)
+        | {"pii_redacted": {k: sum(v.get(f"pii_{k}", 0) for v in good.values()) for k in PII_KINDS}},
+        "filter": volume(kept["documents"], kept["bytes"])
+        | {"removed": removed, "removed_total": volume(read_docs - kept["documents"], clean_bytes - kept["bytes"])},
+    }
+    before = stats["filter"]
+    if exact.get("enabled", True):
+        sizes = {int(k.split(":")[1]): v["documents"] for k, v in exact.items() if k.startswith("cluster:")}
+        kept_docs = exact.get("kept", zero)["documents"] + sum(
+            v["documents"] for k, v in exact.items() if k.startswith("cluster:")
+        )
+        kept_bytes = exact.get("kept", zero)["bytes"] + sum(
+            v["bytes"] for k, v in exact.items() if k.startswith("cluster:")
+        )
+        rem = exact.get("removed", zero)
+        stats["dedup_exact"] = volume(kept_docs, kept_bytes) | {
+            "removed": volume(rem["documents"], rem["bytes"]),
+            "clusters": sum(sizes.values()),
+            "cluster_sizes": size_histogram(sizes),
+        }
+        seconds["dedup_exact"] = exact["seconds"]
+        before = stats["dedup_exact"]
+    else:
+        stats["dedup_exact"] = {"enabled": False}
+    if fuzzy.get("enabled", True):
+        cand, comp, kept_f = fuzzy["candidates"], fuzzy["components"], fuzzy["kept"]
+        sizes = {int(k): v for k, v in comp.get("cluster_sizes", {}).items()}
+        stats["dedup_fuzzy"] = volume(kept_f["documents"], kept_f["bytes"]) | {
+            "removed": volume(before["documents"] - kept_f["documents"], before["bytes"] - kept_f["bytes"]),
+            "clusters": comp.get("clusters", 0),
+            "cluster_sizes": size_histogram(sizes),
+            "candidate_pairs": cand.get("verified", {}).get("documents", 0) + cand.get("rejected", {}).get("documents", 0),
+            "verified_pairs": cand.get("verified", {}).get("documents", 0),
+            "rejected_pairs": cand.get("rejected", {}).get("documents", 0),
+            "candidate_jaccard": {k.split(":")[1]: v["documents"] for k, v in sorted(cand.items()) if k.startswith("jaccard:")},
+            "iterations": comp.get("iterations", 0),
+            "seconds": {"candidates": cand["seconds"], "components": comp["seconds"], "remove": kept_f["seconds"]},
+            "lsh": fuzzy["lsh"],
+            "threshold": fuzzy["threshold"],
+        }
+        seconds["dedup_fuzzy"] = fuzzy["seconds"]
+    else:
+        stats["dedup_fuzzy"] = {"enabled": False}
+    stats["split"] = {s: volume(by_split.get(s, zero)["documents"], by_split.get(s, zero)["bytes"]) for s in SPLITS}
+    stats["seconds"] = seconds | {"split_and_write": output_seconds}
+    return stats
 
 
 def format_report(stats: dict) -> str:

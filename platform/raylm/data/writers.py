@@ -1,0 +1,84 @@
+"""Write the prepare stage's Ray Datasets as directories of numbered files, and read its checkpoints back.
+
+    <dir>/part-00000.parquet, part-00001.parquet, ...    one file per write task, in block order
+    <dir>/part-00000.jsonl, ...                          the quarantine
+
+File names are plain part numbers (no write id), so the same input gives the same files on
+every run. Every directory written here is the stage's own (a step's checkpoint or the stage's
+temporary output), so writing over what is there is safe.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from ray.data.datasource import FilenameProvider
+from ray.data.expressions import col
+
+from raylm.data.split import SPLITS
+
+OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
+"""The columns of a split's files."""
+
+
+def write_parquet_dir(ds, path: str, schema: pa.Schema, **kwargs) -> None:
+    """Write a dataset as `part-*.parquet` under `path`; an empty one gets one empty file of `schema`."""
+    # The directory is ours (a step's or the stage's temporary output), so "overwrite" is safe; it
+    # lets the file names be plain part numbers instead of carrying the write id.
+    ds.write_parquet(path, filename_provider=_PartFiles("parquet"), mode="overwrite", **kwargs)
+    os.makedirs(path, exist_ok=True)
+    if not any(name.endswith(".parquet") for name in os.listdir(path)):
+        pq.write_table(schema.empty_table(), f"{path}/part-00000.parquet")
+
+
+def read_parquet_dir(path: Path, schema: pa.Schema):
+    """A directory written by `write_parquet_dir` as a Ray Dataset, with its schema as written."""
+    return ray.data.read_parquet(str(path), schema=schema)
+
+
+def write_split(ds, split: str, path: str, docs_per_file: int) -> None:
+    """Write the rows of one split as `part-*.parquet` (id, text); an empty split gets one empty file."""
+    rows = ds.filter(expr=col("split") == split).select_columns(["id", "text"])
+    write_parquet_dir(rows, path, OUTPUT_SCHEMA, min_rows_per_file=docs_per_file)
+
+
+def write_splits(ds, out_dir: str, docs_per_file: int) -> None:
+    """Write every split of `ds` (column `split`) under `out_dir/<split>`, its files in the order of `ds`'s blocks."""
+    with _preserve_order():
+        for split in SPLITS:
+            write_split(ds, split, f"{out_dir}/{split}", docs_per_file)
+
+
+def write_quarantine(documents, path: str) -> None:
+    """Write the bad records among `documents` (reason `quarantined`) as `part-*.jsonl`: id, error_kind, error, text."""
+    bad = documents.filter(expr=col("reason") == "quarantined").select_columns(["id", "error_kind", "error", "text"])
+    os.makedirs(path, exist_ok=True)
+    bad.write_json(path, filename_provider=_PartFiles("jsonl"), mode="overwrite")
+
+
+@contextmanager
+def _preserve_order() -> Iterator[None]:
+    """Make Ray Data keep block order (it may reorder blocks for speed), so output files are the same every run."""
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = before
+
+
+class _PartFiles(FilenameProvider):
+    """Output file names `part-00000.<suffix>`, numbered by write task."""
+
+    def __init__(self, suffix: str):
+        self.suffix = suffix
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.{self.suffix}"
