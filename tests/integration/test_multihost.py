@@ -17,11 +17,14 @@ from pathlib import Path
 import pytest
 
 from raylm.cluster import multihost
+from raylm.cluster.hosts import ip_binary, pick_subnet, used_networks
 from raylm.cluster.multihost import MultiHostCluster
+from raylm.cluster.processes import cluster_pids, process_running
+from raylm.errors import RaylmError
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
-    pytest.mark.skipif(multihost._ip_binary() is None, reason="iproute2's `ip` is not installed"),
+    pytest.mark.skipif(ip_binary() is None, reason="iproute2's `ip` is not installed"),
 ]
 
 CLIENT = r'''
@@ -73,9 +76,9 @@ with result.checkpoint.as_directory() as d:
 
 # A Ray job through the Jobs API on the head, with the token raylm submit sends.
 import time
-from raylm.cluster.submit import _client, _submit_with_retry
-client, address = _client(sys.argv[2])
-job = _submit_with_retry(client, "python -c \"import ray; ray.init(); print('JOB', len([n for n in ray.nodes() if n['Alive']]))\"",
+from raylm.cluster.submit import jobs_client, submit_with_retry
+client, address = jobs_client(sys.argv[2])
+job = submit_with_retry(client, "python -c \"import ray; ray.init(); print('JOB', len([n for n in ray.nodes() if n['Alive']]))\"",
                          {}, address)
 while str(client.get_job_status(job).value) not in ("SUCCEEDED", "FAILED", "STOPPED"):
     time.sleep(1)
@@ -100,7 +103,7 @@ def run(tmp_path_factory):
             "name": cluster.name, "address": cluster.address, "head_ip": cluster.head_ip,
             "worker_ips": cluster.worker_ips, "env": cluster.env, "temp_root": cluster.state.temp_root,
             "namespaces": list(cluster.state.namespaces), "bridge": cluster.state.bridge,
-            "pids": multihost._cluster_pids(cluster.name),
+            "pids": cluster_pids(cluster.name),
         }
         env = {**os.environ, **cluster.env}
         client = subprocess.run([sys.executable, "-c", CLIENT, str(storage), cluster.jobs_address], env=env,
@@ -149,10 +152,10 @@ def test_a_ray_job_through_the_jobs_api_sees_all_hosts(run):
 @pytest.mark.slow
 def test_everything_is_cleaned_up(run):
     assert len(run["pids"]) >= 6  # a raylet and GCS or agents per node, all found by their marker while up
-    assert multihost._cluster_pids(run["name"]) == []
-    alive = [pid for pid in run["pids"] if multihost.process_running(pid)]
+    assert cluster_pids(run["name"]) == []
+    alive = [pid for pid in run["pids"] if process_running(pid)]
     assert alive == []
-    ip = multihost._ip_binary()
+    ip = ip_binary()
     namespaces = subprocess.run([ip, "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in namespaces for ns in run["namespaces"])
     links = subprocess.run([ip, "-o", "link", "show"], capture_output=True, text=True).stdout
@@ -176,14 +179,14 @@ def test_cli_refuses_a_non_root_user_with_one_line():
 
 def test_down_of_an_unknown_cluster_is_a_clear_no_op():
     assert multihost.down("rlmzzzz") is False
-    with pytest.raises(multihost.RaylmError, match="not a multihost cluster name"):
+    with pytest.raises(RaylmError, match="not a multihost cluster name"):
         multihost.down("eth0")
 
 
 def test_the_subnet_overlaps_nothing_on_this_machine():
-    net = multihost._pick_subnet(None, num_workers=2)
+    net = pick_subnet(None, num_workers=2)
     assert net.is_private and net.prefixlen == 24
-    assert not any(used.overlaps(net) for used in multihost._used_networks())
+    assert not any(used.overlaps(net) for used in used_networks())
 
 
 @pytest.mark.parametrize("subnet, message", [
@@ -193,5 +196,5 @@ def test_the_subnet_overlaps_nothing_on_this_machine():
     ("10.213.0.300/24", "is not a network"),
 ])
 def test_a_bad_subnet_is_one_clear_line(subnet, message):
-    with pytest.raises(multihost.RaylmError, match=message):
-        multihost._pick_subnet(subnet, num_workers=2)
+    with pytest.raises(RaylmError, match=message):
+        pick_subnet(subnet, num_workers=2)
