@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from raylm.errors import ConfigError, RaylmError
-from raylm.stages import STAGES
+from raylm.stages import STAGES, run_stage
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -108,8 +108,6 @@ def _load(args: argparse.Namespace, overrides: list[str]):
 def _run_stage(stage: str, args: argparse.Namespace, overrides: list[str]) -> int:
     import ray  # seconds of imports: not for `raylm --help`
 
-    from raylm.stages import run_stage
-
     cfg = _load(args, overrides)
     connected_here = not ray.is_initialized()
     try:
@@ -159,7 +157,7 @@ def _run_cluster(args: argparse.Namespace) -> int:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from raylm.train.export import export_checkpoint
+    from raylm.train.export import export_checkpoint  # torch and DeepSpeed: not for `raylm --help`
 
     out = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
     print(json.dumps({"model": str(out), "dtype": args.dtype}))
@@ -167,7 +165,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_serve_config(args: argparse.Namespace, overrides: list[str]) -> int:
-    from raylm.serve.deploy import write_serve_config
+    from raylm.serve.deploy import write_serve_config  # Ray Serve: not for `raylm --help`
 
     cfg = _load(args, overrides)
     path = write_serve_config(cfg.serve, cfg.run.name, args.output)
@@ -176,7 +174,7 @@ def _run_serve_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _run_demo(args: argparse.Namespace, overrides: list[str]) -> int:
-    from raylm.demo import run_demo
+    from raylm.demo import run_demo  # every stage's imports: not for `raylm --help`
 
     cfg = _load(args, overrides)
     return run_demo(cfg, address=args.address, keep_serving=args.keep_serving)

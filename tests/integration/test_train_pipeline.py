@@ -138,11 +138,15 @@ def test_spread_puts_the_two_stages_on_two_nodes(tokens, tmp_path):
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # the workers' forwarded log lines may come after the report: it is the line that carries the mark
+    report = json.loads(next(line for line in done.stdout.splitlines() if line.startswith(REPORT_MARK))[len(REPORT_MARK):])
     stage0, stage1 = report["pipeline_stage_nodes"]
     assert len(stage0) == len(stage1) == 1 and stage0 != stage1
     assert set(stage0 + stage1) == set(report["cluster_nodes"])
     assert report["step"] == 4 and report["loss"] < report["first_loss"]
+
+
+REPORT_MARK = "two-node report: "
 
 
 def _two_node_child(tokens: str, root: str) -> None:
@@ -165,8 +169,8 @@ def _two_node_child(tokens: str, root: str) -> None:
             history = json.loads((Path(d) / "state.json").read_text())["history"]
         first_loss = next(h["loss"] for h in history if "loss" in h)
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-        print(json.dumps({**{k: result.metrics[k] for k in ("pipeline_stage_nodes", "step", "loss")},
-                          "first_loss": first_loss, "cluster_nodes": nodes}))  # fmt: skip
+        print(REPORT_MARK + json.dumps({**{k: result.metrics[k] for k in ("pipeline_stage_nodes", "step", "loss")},
+                                        "first_loss": first_loss, "cluster_nodes": nodes}), flush=True)  # fmt: skip
     finally:
         ray.shutdown()
         cluster.shutdown()
