@@ -33,6 +33,6 @@ class RunContext:
     def path(self, location: str) -> str:
         """A location as every process of the run names it: URIs as they are, local paths made absolute.
 
-        Stages pass every path they hand to Ray workers, or write into outputs, through here.
+        For paths a stage hands to processes that run elsewhere (a teacher model, the models replicas load).
         """
         return absolute(location)

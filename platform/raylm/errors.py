@@ -15,3 +15,9 @@ class ConfigError(RaylmError):
 
 class InputError(RaylmError):
     """A missing, unreadable or malformed input path or record."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its class name if it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

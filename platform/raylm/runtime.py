@@ -6,7 +6,7 @@ import logging
 import os
 import socket
 
-from raylm.errors import RaylmError
+from raylm.errors import RaylmError, first_line
 
 
 IDLE_WORKERS_KEPT = 2
@@ -72,8 +72,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RaylmError(f"cannot connect to Ray cluster at {address}: {first}") from None
+            raise RaylmError(f"cannot connect to Ray cluster at {address}: {first_line(e)}") from None
         return
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     for key, value in LOCAL_ENV_DEFAULTS.items():

@@ -13,7 +13,7 @@ import os
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raylm.errors import InputError
+from raylm.errors import InputError, first_line
 
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_STORAGE_")
 """Environment variables that configure object-store clients."""
@@ -50,8 +50,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
             fs, inner = fsspec.core.url_to_fs(path)
             return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
         except Exception:
-            first = (str(native_error).strip().splitlines() or [type(native_error).__name__])[0]
-            raise InputError(f"{path}: cannot open this location ({first})") from None
+            raise InputError(f"{path}: cannot open this location ({first_line(native_error)})") from None
 
 
 def storage_credentials() -> dict[str, str]:

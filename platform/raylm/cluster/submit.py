@@ -18,7 +18,7 @@ from ray.job_submission import JobSubmissionClient
 
 import raylm
 from raylm.config import load_config
-from raylm.errors import ConfigError, RaylmError
+from raylm.errors import ConfigError, RaylmError, first_line
 from raylm.stages import STAGES
 from raylm.storage import is_uri
 
@@ -69,8 +69,7 @@ def jobs_client(address: str | None):
     try:
         return JobSubmissionClient(address, headers=auth_headers()), address
     except Exception as e:  # the SDK raises ConnectionError, RuntimeError or ValueError by cause
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RaylmError(f"cannot reach the Ray Jobs API at {address}: {first}") from None
+        raise RaylmError(f"cannot reach the Ray Jobs API at {address}: {first_line(e)}") from None
 
 
 def submit_stage(stage: str, config: str, overrides: list[str], address: str | None = None, wait: bool = True) -> int:
@@ -108,8 +107,7 @@ def submit_with_retry(client, entrypoint: str, runtime_env: dict, address: str, 
             if "No available agent" in str(e) and time.time() < deadline:
                 time.sleep(2)
                 continue
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise RaylmError(f"the Ray Jobs API at {address} refused the job: {first}") from None
+            raise RaylmError(f"the Ray Jobs API at {address} refused the job: {first_line(e)}") from None
 
 
 async def _follow(client, job_id: str) -> None:

@@ -33,8 +33,8 @@ import zstandard
 from ray.data.exceptions import UserCodeException
 
 from raylm.data.config import PrepareConfig
-from raylm.data.sources import InputFile, first_line
-from raylm.errors import InputError
+from raylm.data.sources import InputFile
+from raylm.errors import InputError, first_line
 from raylm.storage import filesystem, is_uri, storage_credentials
 
 MAX_EXCERPT = 64 * 1024

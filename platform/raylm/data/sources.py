@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raylm.artifacts import fingerprint_inputs
-from raylm.errors import InputError
+from raylm.errors import InputError, first_line
 from raylm.storage import filesystem, is_uri
 
 PACKAGE_PREFIX = "package:"
@@ -50,12 +50,6 @@ class InputFile:
     mtime_ns: int = 0
     readable: bool = True
     """False for a file that was listed but cannot be opened: the reader reports it as `unreadable`."""
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its class name if it has none), for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def resolve_input(spec: str) -> str:

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, Result
 
-from raylm.errors import InputError
+from raylm.errors import InputError, first_line
 from raylm.train.ingest import DataPosition, DataState, SequenceOrder
 
 logger = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ def safe_load(path: Path, *, mmap: bool = False):
         why = lines[-1] if lines else str(e).strip().splitlines()[0]
         raise InputError(f"{path}: refused to load, it would unpickle code outside DeepSpeed's state classes ({why})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: unreadable checkpoint file, truncated or corrupt ({first})") from None
+        raise InputError(f"{path}: unreadable checkpoint file, truncated or corrupt ({first_line(e)})") from None
 
 
 def verify_deepspeed_checkpoint(deepspeed_dir: str | os.PathLike) -> str:

@@ -24,7 +24,6 @@ import shutil
 import time
 from pathlib import Path
 
-import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file
