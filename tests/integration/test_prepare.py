@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import re
 import unicodedata
 from pathlib import Path
@@ -19,6 +20,7 @@ from raylm.data.clean import clean_text
 from raylm.data.dedup_exact import text_hash
 from raylm.data.filters import FILTER_NAMES
 from raylm.data.split import split_of
+from raylm.data.writers import OUTPUT_SCHEMA, ParquetFiles
 from raylm.errors import InputError
 from raylm.stages import run_stage
 
@@ -314,3 +316,24 @@ def test_on_error_fail_stops_at_the_first_bad_record(ray_local, tmp_path):
         run_stage("prepare", cfg)
     assert "\n" not in str(err.value)
     _assert_nothing_written(cfg)
+
+
+def test_a_split_file_holds_its_blocks_in_dataset_order_with_threads_in_the_write_task(ray_local, tmp_path):
+    """Four sorted partitions bundled into one file stay in order, however many threads pyarrow has in the task.
+
+    pyarrow's multi-threaded dataset writer (Ray's own parquet sink) writes a task's blocks as its threads
+    finish: with OMP_NUM_THREADS > 1 in the worker, a killed-and-resumed prepare wrote partitions 1, 0, 2, 3."""
+    import ray
+
+    rng = random.Random(0)
+    blocks = [pa.table({"id": [f"{b}-{i:05d}" for i in range(n)], "text": ["y" * rng.randint(100, 8000) for _ in range(n)]})
+              for b, n in enumerate([1500, 300, 900, 1500])]  # fmt: skip
+    want = [row_id for block in blocks for row_id in block.column("id").to_pylist()]
+    ds = ray.data.from_arrow(blocks)
+    ds.context.execution_options.preserve_order = True
+    threads = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "4"}}}  # sizes the worker's arrow thread pool
+    for attempt in range(10):
+        path = tmp_path / f"out{attempt}"
+        ds.write_datasink(ParquetFiles(str(path), OUTPUT_SCHEMA, min_rows_per_file=len(want)), ray_remote_args=threads)
+        assert [p.name for p in path.iterdir()] == ["part-00000.parquet"]
+        assert pq.read_table(path).column("id").to_pylist() == want

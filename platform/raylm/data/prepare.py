@@ -272,7 +272,11 @@ def order_by_hash(ds, num_partitions: int):
     """
     boundaries = [i * (1 << ORDER_BITS) // num_partitions for i in range(1, num_partitions)]
     ordered = ds.map_batches(_add_order, batch_format="pyarrow")
-    ordered.context.shuffle_strategy = GROUPING_SHUFFLE  # the same sort whether or not a step was resumed
+    # Settings of this dataset's DataContext, which the datasets made from it (its materialized copy, the writes)
+    # share: the same sort whether or not a step was resumed, and its blocks kept in sorted order (Ray Data hands
+    # blocks on as their tasks finish otherwise, and the split files would hold them in that order).
+    ordered.context.shuffle_strategy = GROUPING_SHUFFLE
+    ordered.context.execution_options.preserve_order = True
     return ordered.sort(["order", "id"], boundaries=boundaries)
 
 

@@ -1,6 +1,6 @@
 """Write the prepare stage's Ray Datasets as directories of numbered files, and read its checkpoints back.
 
-    <dir>/part-00000.parquet, part-00001.parquet, ...    one file per write task, in block order
+    <dir>/part-00000.parquet, part-00001.parquet, ...    one file per write task, its rows in block order
     <dir>/part-00000.jsonl, ...                          the quarantine
 
 File names are plain part numbers (no write id), so the same input gives the same files on
@@ -11,14 +11,14 @@ temporary output), so writing over what is there is safe.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from ray.data.datasource import FilenameProvider
+from ray.data import SaveMode
+from ray.data.block import BlockAccessor
+from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 from ray.data.expressions import col
 
 from raylm.data.split import SPLITS
@@ -27,11 +27,9 @@ OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 """The columns of a split's files."""
 
 
-def write_parquet_dir(ds, path: str, schema: pa.Schema, **kwargs) -> None:
+def write_parquet_dir(ds, path: str, schema: pa.Schema, min_rows_per_file: int | None = None) -> None:
     """Write a dataset as `part-*.parquet` under `path`; an empty one gets one empty file of `schema`."""
-    # The directory is ours (a step's or the stage's temporary output), so "overwrite" is safe; it
-    # lets the file names be plain part numbers instead of carrying the write id.
-    ds.write_parquet(path, filename_provider=_PartFiles("parquet"), mode="overwrite", **kwargs)
+    ds.write_datasink(ParquetFiles(path, schema, min_rows_per_file))
     os.makedirs(path, exist_ok=True)
     if not any(name.endswith(".parquet") for name in os.listdir(path)):
         pq.write_table(schema.empty_table(), f"{path}/part-00000.parquet")
@@ -50,9 +48,11 @@ def write_split(ds, split: str, path: str, docs_per_file: int) -> None:
 
 def write_splits(ds, out_dir: str, docs_per_file: int) -> None:
     """Write every split of `ds` (column `split`) under `out_dir/<split>`, its files in the order of `ds`'s blocks."""
-    with _preserve_order():
-        for split in SPLITS:
-            write_split(ds, split, f"{out_dir}/{split}", docs_per_file)
+    # Ray Data may reorder blocks for speed; kept in order, the files are the same every run. Set on the dataset's
+    # own DataContext, which its writes use: a change to the process's context would not reach a dataset made before.
+    ds.context.execution_options.preserve_order = True
+    for split in SPLITS:
+        write_split(ds, split, f"{out_dir}/{split}", docs_per_file)
 
 
 def write_quarantine(documents, path: str) -> None:
@@ -62,16 +62,29 @@ def write_quarantine(documents, path: str) -> None:
     bad.write_json(path, filename_provider=_PartFiles("jsonl"), mode="overwrite")
 
 
-@contextmanager
-def _preserve_order() -> Iterator[None]:
-    """Make Ray Data keep block order (it may reorder blocks for speed), so output files are the same every run."""
-    ctx = ray.data.DataContext.get_current()
-    before = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order = before
+class ParquetFiles(BlockBasedFileDatasink):
+    """Parquet files of `schema`, one per write task, each holding its task's blocks in their order.
+
+    Ray's own parquet sink hands a task's blocks to pyarrow's multi-threaded dataset writer, which
+    writes them in whatever order its threads finish: a file that should hold sorted partitions
+    0, 1, 2, 3 could hold 2, 0, 3, 1. Here the blocks are joined in order and written as one table.
+    """
+
+    def __init__(self, path: str, schema: pa.Schema, min_rows_per_file: int | None = None):
+        # The directory is ours (a step's or the stage's temporary output), so "overwrite" is safe; it
+        # lets the file names be plain part numbers instead of carrying the write id.
+        super().__init__(path, min_rows_per_file=min_rows_per_file, filename_provider=_PartFiles("parquet"),
+                         file_format="parquet", mode=SaveMode.OVERWRITE)  # fmt: skip
+        self.schema = schema
+
+    def write(self, blocks, ctx) -> None:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        tables = [table.select(self.schema.names).cast(self.schema) for table in tables if table.num_rows]
+        if tables:  # a task given only empty blocks writes no file
+            self.write_block(BlockAccessor.for_block(pa.concat_tables(tables)), 0, ctx)
+
+    def write_block_to_file(self, block: BlockAccessor, file) -> None:
+        pq.write_table(block.to_arrow(), file)
 
 
 class _PartFiles(FilenameProvider):
