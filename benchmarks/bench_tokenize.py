@@ -54,12 +54,12 @@ def write_prepared(root: Path, texts: list[str], target_mb: float) -> tuple[Path
         k += 1
     with stage_output(root, "prepare", {"bench": target_mb}) as out:
         for split, part in (("train", docs), ("validation", texts[:50])):
-            (out.tmp / split).mkdir()
+            (Path(out.tmp) / split).mkdir()
             per = -(-len(part) // (FILES if split == "train" else 1))
             for i in range(0, len(part), per):
                 chunk = part[i : i + per]
                 table = pa.table({"id": [f"{split}-{i + j}" for j in range(len(chunk))], "text": chunk})
-                pq.write_table(table, out.tmp / split / f"part-{i // per:05d}.parquet")
+                pq.write_table(table, Path(out.tmp) / split / f"part-{i // per:05d}.parquet")
         out.stats = {"documents": len(docs)}
     return root, len(docs), size / 1e6
 
@@ -141,8 +141,8 @@ def starvation(tmp: Path, presets: list[str], steps: int) -> list[dict]:
     with stage_output(prepared, "prepare", {"bench": "demo"}) as out:
         cut = int(len(texts) * 0.95)
         for split, part in (("train", texts[:cut]), ("validation", texts[cut:])):
-            (out.tmp / split).mkdir()
-            pq.write_table(pa.table({"id": [str(i) for i in range(len(part))], "text": part}), out.tmp / split / "p.parquet")
+            (Path(out.tmp) / split).mkdir()
+            pq.write_table(pa.table({"id": [str(i) for i in range(len(part))], "text": part}), Path(out.tmp) / split / "p.parquet")
         out.stats = {}
     rows = []
     for preset in presets:

@@ -113,9 +113,9 @@ def write_prepared(root: Path, splits: dict[str, list[tuple[str, str]]], config:
     with stage_output(root, "prepare", config, overwrite=True) as out:
         if not out.done:
             for split, docs in splits.items():
-                (out.tmp / split).mkdir()
+                (Path(out.tmp) / split).mkdir()
                 ids, texts = zip(*docs)
-                pq.write_table(pa.table({"id": list(ids), "text": list(texts)}), out.tmp / split / "part-00000.parquet")
+                pq.write_table(pa.table({"id": list(ids), "text": list(texts)}), Path(out.tmp) / split / "part-00000.parquet")
             out.stats = {split: {"documents": len(d), "chars": sum(len(t) for _, t in d)} for split, d in splits.items()}
     return root
 

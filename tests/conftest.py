@@ -61,6 +61,53 @@ def free_port():
     return _free_port
 
 
+@pytest.fixture(scope="session")
+def s3_server(free_port):
+    """A real S3-compatible server (moto) on loopback for the session; the AWS_* settings that reach it are set
+    in this process's environment (and so in the workers of a Ray this process starts, and in stage tasks)."""
+    import subprocess
+    import time
+
+    pytest.importorskip("moto", reason="moto[server] provides the S3-compatible server")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline:
+                server.kill()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.terminate()
+    server.wait(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the session's S3 server, as `s3://<name>`."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT

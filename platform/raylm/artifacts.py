@@ -1,16 +1,25 @@
-"""Stage outputs: written under a temporary name, renamed when complete, with a manifest beside them.
+"""Stage outputs on a disk or an object store: a manifest beside them, written last, marks them finished.
 
 Every stage writes its output directory through `stage_output`:
 
-    with stage_output(cfg.output, "tokenize", cfg, inputs=[cfg.input], run=run) as out:
+    with stage_output(cfg.output, "tokenize", cfg, inputs=[cfg.input]) as out:
         if out.done:             # same config and inputs as the finished output: nothing to do
             return out.manifest
-        ...write files under out.tmp...
+        ...write files under out.tmp (a location: see raylm.storage)...
         out.stats = {...}        # lands in manifest.json
 
-The manifest holds the resolved stage config, a fingerprint of config + inputs, the
-stats, and the raylm version. A killed run leaves only `<output>.tmp-*`, never a
-directory that looks finished.
+The manifest holds the resolved stage config, a fingerprint of config + inputs, the stats, and
+the raylm version. How an output appears depends on where it lives:
+
+- on a disk (or NFS), the stage writes `<output>.tmp-<id>/`, which is renamed to `<output>` once
+  the manifest is in it: a killed run leaves only `<output>.tmp-*`;
+- on an object store, which has no rename, the stage writes under `<output>/` itself, beside a
+  `_raylm_writing.json` that says the prefix is raylm's and unfinished; the manifest is written
+  last and is the commit. Readers trust only outputs that have a manifest, and the next run of the
+  stage clears an unfinished prefix before writing it again (no copy of every byte, as a
+  temporary prefix would need).
+
+Either way nothing that looks finished is left half-written.
 """
 
 from __future__ import annotations
@@ -23,32 +32,34 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 from pydantic import BaseModel
 
 import raylm
+from raylm import storage
 from raylm.errors import InputError, RaylmError
 
 MANIFEST = "manifest.json"
+WRITING = "_raylm_writing.json"
+"""On an object store: the marker of an output that a stage is writing (or was, when it was killed)."""
 
 
 def read_manifest(path: str | os.PathLike) -> dict | None:
     """The manifest of a finished stage output, or None when there is none."""
     try:
-        return json.loads((Path(path) / MANIFEST).read_text())
+        return json.loads(storage.read_text(storage.join(path, MANIFEST)))
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
 def require_stage_output(path: str | os.PathLike, stage: str) -> dict:
     """The manifest of a finished `stage` output at `path`, or an InputError saying what to run first."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: not found (run `raylm {stage}` first, or point the config at its output)")
+    p = str(path)
     manifest = read_manifest(p)
     if manifest is None:
+        if not storage.exists(p):
+            raise InputError(f"{p}: not found (run `raylm {stage}` first, or point the config at its output)")
         raise InputError(f"{p}: no {MANIFEST}; not a finished `raylm {stage}` output")
     if manifest.get("stage") != stage:
         raise InputError(f"{p}: written by `raylm {manifest.get('stage')}`, expected `raylm {stage}` output")
@@ -56,7 +67,7 @@ def require_stage_output(path: str | os.PathLike, stage: str) -> dict:
 
 
 def fingerprint_inputs(paths: list[str]) -> dict[str, str]:
-    """Per input path: the fingerprint from its manifest when it is a stage output, else a hash of file names, sizes and mtimes."""
+    """Per input: the fingerprint from its manifest when it is a stage output, else a hash of file names, sizes and mtimes."""
     prints = {}
     for p in paths:
         manifest = read_manifest(p)
@@ -64,11 +75,10 @@ def fingerprint_inputs(paths: list[str]) -> dict[str, str]:
             prints[p] = manifest["fingerprint"]
             continue
         h = hashlib.sha256()
-        root = Path(p)
-        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file())
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.relative_to(root) if f != root else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        entry = storage.stat(p)
+        entries = [entry] if entry is not None else storage.list_files(p)
+        for f in entries:
+            h.update(f"{f.name}:{f.size}:{f.mtime_ns}\n".encode())
         prints[p] = h.hexdigest()
     return prints
 
@@ -84,11 +94,23 @@ def fingerprint(stage: str, config: BaseModel | dict, inputs: dict[str, str]) ->
 
 @dataclass
 class StageOutput:
-    path: Path
-    tmp: Path
+    path: str
+    """Where the finished output is (a local path or a URI)."""
+    tmp: str
+    """Where the stage writes it: a temporary directory on a disk, the output prefix itself on an object store."""
     manifest: dict
     done: bool = False
     stats: dict = field(default_factory=dict)
+
+    def file(self, *parts: str) -> str:
+        """A location inside what the stage is writing."""
+        return storage.join(self.tmp, *parts)
+
+    def write_text(self, name: str, text: str) -> None:
+        storage.write_text(self.file(name), text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        storage.write_text(self.file(name), json.dumps(data, indent=2))
 
 
 @contextmanager
@@ -100,24 +122,24 @@ def stage_output(
     overwrite: bool = False,
     input_prints: dict[str, str] | None = None,
 ) -> Iterator[StageOutput]:
-    """Write a stage's output atomically; skip the work when a finished output has the same fingerprint.
+    """Write a stage's output so that it appears complete or not at all; skip the work when a finished
+    output has the same fingerprint.
 
-    `input_prints` replaces the fingerprints of `inputs` for inputs that are not local files
-    (object-store listings). An existing output from a different config is an error unless `overwrite`.
+    `input_prints` replaces the fingerprints of `inputs` (for inputs a stage lists itself). An existing
+    output from a different config is an error unless `overwrite`.
     """
-    final = Path(path)
+    final = storage.absolute(path)
     prints = input_prints if input_prints is not None else fingerprint_inputs(list(inputs))
     fp = fingerprint(stage, config, prints)
     existing = read_manifest(final)
     if existing is not None and existing.get("fingerprint") == fp:
         yield StageOutput(final, final, existing, done=True)
         return
-    if final.exists() and not overwrite:
+    unfinished = existing is None and storage.is_uri(final) and storage.is_file(storage.join(final, WRITING))
+    occupied = storage.is_file(final) or bool(storage.list_files(final))  # an empty directory holds nothing to lose
+    if occupied and not (overwrite or unfinished):
         why = "from a different config or input" if existing else "and is not a finished raylm output"
         raise RaylmError(f"{final}: output exists {why}; set run.overwrite=true or choose another run.workdir")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
     manifest = {
         "stage": stage,
         "fingerprint": fp,
@@ -125,33 +147,52 @@ def stage_output(
         "config": _config_json(config),
         "inputs": prints,
     }
-    out = StageOutput(final, tmp, manifest)
-    started = time.time()
-    try:
+    writer = _write_in_place if storage.is_uri(final) else _write_and_rename
+    with writer(final, manifest) as out:
+        started = time.time()
         yield out
         manifest.update(stats=out.stats, seconds=round(time.time() - started, 2), finished_at=time.time())
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if final.exists():
+
+
+@contextmanager
+def _write_and_rename(final: str, manifest: dict) -> Iterator[StageOutput]:
+    """On a disk: write `<final>.tmp-<id>`, put the manifest in, rename it to `final`."""
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(tmp)
+    try:
+        yield StageOutput(final, tmp, manifest)
+        storage.write_text(storage.join(tmp, MANIFEST), json.dumps(manifest, indent=2))
+        if os.path.exists(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
     finally:
-        if tmp.exists():
+        if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary name in the same directory, then rename it into place."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, p)
+@contextmanager
+def _write_in_place(final: str, manifest: dict) -> Iterator[StageOutput]:
+    """On an object store: clear the prefix, mark it unfinished, write, then write the manifest (the commit)."""
+    storage.remove(storage.join(final, MANIFEST))  # first: from here on no reader trusts the prefix
+    storage.remove(final)
+    marker = storage.join(final, WRITING)
+    storage.write_text(marker, json.dumps({"stage": manifest["stage"], "fingerprint": manifest["fingerprint"],
+                                           "started_at": time.time()}))  # fmt: skip
+    try:
+        yield StageOutput(final, final, manifest)
+    except BaseException:
+        storage.remove(final)  # nothing half-written stays; if this fails too, the marker says it is unfinished
+        raise
+    storage.write_text(storage.join(final, MANIFEST), json.dumps(manifest, indent=2))
+    storage.remove(marker)
 
 
-def require_path(path: str | os.PathLike, what: str) -> Path:
-    """The path if it exists and can be read, else an InputError naming it."""
-    p = Path(path)
-    if not p.exists():
+def require_path(path: str | os.PathLike, what: str) -> str:
+    """The location if it exists and can be read, else an InputError naming it."""
+    p = str(path)
+    if not storage.exists(p):
         raise InputError(f"{p}: {what} not found")
-    if not os.access(p, os.R_OK):
+    if not storage.is_uri(p) and not os.access(p, os.R_OK):
         raise InputError(f"{p}: {what} is not readable")
     return p

@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from raylm import storage
+from raylm.artifacts import read_manifest
 from raylm.config import load_config
 from raylm.data.filters import FILTER_NAMES
 from raylm.data.minhash import jaccard, shingle_hashes
@@ -193,33 +195,44 @@ def test_kept_ids_do_not_depend_on_sharding(corpus, one_run, tmp_path, shards, e
         assert ours == theirs  # same rows in the same order (by text hash)
 
 
-@pytest.mark.slow  # two prepare jobs as subprocesses, one killed midway: ~2.5 minutes on 2 cores
-def test_killed_run_resumes_to_the_same_output(ray_local, corpus, one_run, tmp_path, repo_root):
+def _rows(location: str) -> list[dict]:
+    """The rows of a Parquet directory on a disk or an object store, in file order."""
+    fs, inner = storage.filesystem(location)
+    return pq.read_table(inner, filesystem=fs).to_pylist()
+
+
+@pytest.mark.slow  # two prepare jobs as subprocesses, one killed midway: ~2.5 minutes on 2 cores, each
+@pytest.mark.parametrize("where", ["disk", "s3"])
+def test_killed_run_resumes_to_the_same_output(where, ray_local, corpus, one_run, tmp_path, repo_root, request):
+    """Killed after its exact-dedup checkpoint, a prepare started again reuses the finished steps and writes what an
+    uninterrupted run writes; on an object store the checkpoints and the output are there, not on the local disk."""
     docs, _ = corpus
     cfg1, _ = one_run
     corpus_dir = write_shards(docs, tmp_path / "raw", 4)
-    workdir = tmp_path / "run"
+    workdir = str(tmp_path / "run") if where == "disk" else f"{request.getfixturevalue('s3_bucket')}/run"
     args = [sys.executable, str(repo_root / "jobs/prepare.py"), "--config", str(repo_root / "configs/demo.yaml"),
             f"--prepare.input={corpus_dir}", f"--run.workdir={workdir}", "--prepare.id_field=id",
             f"--prepare.dedup.fuzzy.threshold={THRESHOLD}", *(f"--{o}" for o in PERMISSIVE)]  # fmt: skip
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
-    output = workdir / "prepared"
-    marker = Path(f"{output}.work/exact.done.json")
+    output = storage.join(workdir, "prepared")
+    marker = f"{output}.work/exact.done.json"
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    while not storage.is_file(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in 300 s"
+    assert storage.is_file(marker), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint in 300 s"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not output.exists()  # nothing that looks finished
+    assert read_manifest(output) is None  # nothing that looks finished
 
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "step documents already done" in again.stderr and "step exact already done" in again.stderr
-    assert not Path(f"{output}.work").exists()
+    assert not storage.exists(f"{output}.work")
     for split in ("train", "validation"):
-        assert pq.read_table(output / split).to_pylist() == pq.read_table(Path(cfg1.prepare.output) / split).to_pylist()
+        assert _rows(storage.join(output, split)) == _rows(f"{cfg1.prepare.output}/{split}")
+    if where == "s3":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing of the run on the local disk
 
 
 @pytest.mark.slow  # a prepare job on a second local Ray of its own: ~1 minute on 2 cores

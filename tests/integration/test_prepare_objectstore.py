@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
+from raylm import storage
+from raylm.cli import main as cli_main
 from raylm.config import load_config
 from raylm.data.filters import FILTER_NAMES
 from raylm.data.sources import list_input_files
@@ -29,25 +26,8 @@ CFG = ["prepare.id_field=id", "prepare.filters.length.min_chars=20", "prepare.fi
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory, free_port):
-    """An S3 endpoint with bucket `corpus` holding two shards under raw/, and the same shards on local disk."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            if time.time() > deadline:
-                server.kill()
-                pytest.fail("moto server did not start")
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def s3(s3_server, tmp_path_factory):
+    """Bucket `corpus` on the S3 server, holding two shards under raw/, and the same shards on local disk."""
     local = tmp_path_factory.mktemp("local") / "raw"
     (local / "more").mkdir(parents=True)
     shards = {"a.jsonl": "".join(json.dumps(d) + "\n" for d in DOCS[:12]).encode(),
@@ -57,14 +37,7 @@ def s3(tmp_path_factory, free_port):
     for name, data in shards.items():
         client.put_object(Bucket="corpus", Key=f"raw/{name}", Body=data)
         (local / name).write_bytes(data)
-    yield local
-    server.terminate()
-    server.wait(timeout=10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return local
 
 
 def test_lists_the_bucket_like_a_directory(s3):
@@ -84,3 +57,30 @@ def test_prepare_from_s3_equals_prepare_from_disk(ray_local, s3, tmp_path):
     for split in ("train", "validation"):
         assert (pq.read_table(f"{from_s3.prepare.output}/{split}").to_pylist()
                 == pq.read_table(f"{from_disk.prepare.output}/{split}").to_pylist())  # fmt: skip
+
+
+def test_prepare_writes_to_s3_what_it_writes_to_disk(ray_local, s3, s3_bucket, tmp_path):
+    """run.workdir on the S3 server: the same files with the same rows as on disk, committed by the manifest."""
+    to_s3 = load_config(None, [f"prepare.input={s3}", f"run.workdir={s3_bucket}/run", *CFG])
+    to_disk = load_config(None, [f"prepare.input={s3}", f"run.workdir={tmp_path / 'disk'}", *CFG])
+    summary = run_stage("prepare", to_s3)
+    run_stage("prepare", to_disk)
+    output = f"{s3_bucket}/run/prepared"
+    assert summary["output"] == output and not summary["reused"]
+    assert [f.name for f in storage.list_files(output)] == [f.name for f in storage.list_files(to_disk.prepare.output)]
+    assert "manifest.json" in {f.name for f in storage.list_files(output)}
+    for split in ("train", "validation", "duplicates/exact"):
+        fs, inner = storage.filesystem(f"{output}/{split}")
+        assert (pq.read_table(inner, filesystem=fs).to_pylist()
+                == pq.read_table(f"{to_disk.prepare.output}/{split}").to_pylist())  # fmt: skip
+    assert not storage.exists(f"{output}.work")  # the checkpoints go once the output is committed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk"]  # the S3 run wrote nothing here
+    assert run_stage("prepare", to_s3)["reused"]
+
+
+def test_a_missing_bucket_is_one_line_before_any_work(ray_local, s3, capsys):
+    cfg = ["prepare", f"--prepare.input={s3}", "--run.workdir=s3://no-such-bucket-here/run", *(f"--{o}" for o in CFG)]
+    assert cli_main(cfg) != 0
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("raylm ")]
+    assert ours == ["raylm prepare: error: s3://no-such-bucket-here/run/prepared: bucket `no-such-bucket-here` does not "
+                    "exist (create it, or set run.workdir to another)"]  # fmt: skip

@@ -36,11 +36,11 @@ def write_prepared(root: Path, splits: dict[str, list[list[str]]]) -> Path:
     """A finished prepare output: <root>/{train,validation}/part-N.parquet (id, text) and its manifest."""
     with stage_output(root, "prepare", {"synthetic": True}) as out:
         for split, files in splits.items():
-            (out.tmp / split).mkdir()
+            (Path(out.tmp) / split).mkdir()
             for i, docs in enumerate(files):
                 ids = [f"{split}-{i}-{j}" for j in range(len(docs))]
                 table = pa.table({"id": pa.array(ids, pa.string()), "text": pa.array(docs, pa.string())})
-                pq.write_table(table, out.tmp / split / f"part-{i:05d}.parquet")
+                pq.write_table(table, Path(out.tmp) / split / f"part-{i:05d}.parquet")
         out.stats = {"documents": {s: sum(map(len, f)) for s, f in splits.items()}}
     return root
 
@@ -203,3 +203,32 @@ def test_gpt2_tokenizer_files_encode_like_tokenizers_itself(corpus, gpt2_files, 
     rows = read_split_numpy(meta, "train")
     stream = np.concatenate([rows[0], rows[1:, 1:].reshape(-1)])
     assert stream.tolist() == expected[: len(stream)] and len(expected) - len(stream) == stats["dropped_tokens"]["train"]
+
+
+def test_tokenize_from_and_to_s3_writes_the_same_bytes(ray_local, corpus, tokenized, s3_bucket, tmp_path, monkeypatch):
+    """The prepared data on the S3 server, the tokens written there: every file the same bytes as on disk, and a
+    reader gets the shards through one copy in its node's cache."""
+    from raylm import storage
+
+    prepared = f"{s3_bucket}/run/prepared"
+    storage.copy_tree(str(corpus["prepared"]), prepared)
+    output = f"{s3_bucket}/run/tokens"
+    cfg = make_config(tmp_path / "unused", prepared, output)  # type: ignore[arg-type]
+    summary = run_stage("tokenize", cfg)
+    assert summary["output"] == output and not summary["reused"]
+    local = tokenized["path"]
+    names = [f.name for f in storage.list_files(output)]
+    assert names == [f.name for f in storage.list_files(str(local))]
+    for name in names:
+        if name != "manifest.json":  # its paths and timings differ
+            assert storage.read_bytes(storage.join(output, name)) == (local / name).read_bytes(), name
+    assert not (tmp_path / "unused").exists()  # nothing of the run on the local disk
+
+    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+    meta = read_token_meta(output)
+    assert meta.location == output and str(meta.path).startswith(str(tmp_path / "cache"))
+    copies = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock"))
+    assert len(copies) == 1 and read_token_meta(output).path == meta.path  # downloaded once, then reused
+    for split in SPLITS:
+        assert np.array_equal(read_split_numpy(meta, split), read_split_numpy(read_token_meta(local), split))
+    assert run_stage("tokenize", cfg)["reused"]

@@ -24,29 +24,30 @@ from raylm.stages import run_stage
 SEQ_LEN = 32
 
 
+RUN = [
+    "--prepare.input=unused",
+    "--run.name=unit",
+    "--train.model.preset=debug",
+    "--train.num_workers=2",
+    "--train.zero_stage=3",
+    "--train.activation_checkpointing=true",  # recomputation under ZeRO-3's gathered parameters
+    "--train.micro_batch_size=4",
+    "--train.max_steps=12",
+    "--train.optimizer.warmup_steps=2",
+    "--train.log_interval_steps=2",
+    "--train.eval_interval_steps=6",
+    "--train.checkpoint_interval_steps=6",
+    "--train.eval_batches=2",
+]
+"""The run of `trained`, but for where its data and output are."""
+
+
 @pytest.fixture(scope="module")
 def trained(ray_local, make_tokens, tmp_path_factory):
     """One ZeRO-3 run of the train stage, shared by the tests below: (config, summary, token meta)."""
     root = tmp_path_factory.mktemp("train")
     tokens = make_tokens(root / "tokens", seq_len=SEQ_LEN)
-    overrides = [
-        "--prepare.input=unused",
-        f"--run.workdir={root}",
-        "--run.name=unit",
-        f"--tokenize.output={tokens.path}",
-        "--train.model.preset=debug",
-        "--train.num_workers=2",
-        "--train.zero_stage=3",
-        "--train.activation_checkpointing=true",  # recomputation under ZeRO-3's gathered parameters
-        "--train.micro_batch_size=4",
-        "--train.max_steps=12",
-        "--train.optimizer.warmup_steps=2",
-        "--train.log_interval_steps=2",
-        "--train.eval_interval_steps=6",
-        "--train.checkpoint_interval_steps=6",
-        "--train.eval_batches=2",
-    ]
-    cfg = load_config(None, overrides)
+    cfg = load_config(None, [*RUN, f"--run.workdir={root}", f"--tokenize.output={tokens.path}"])
     return cfg, run_stage("train", cfg), tokens
 
 
@@ -175,3 +176,16 @@ def test_data_longer_than_the_models_context_is_refused_before_any_worker_starts
     narrow = cfg.train.model_copy(update={"model": cfg.train.model.model_copy(update={"block_size": 16})})
     with pytest.raises(InputError, match=r"sequences of 32 tokens \(tokenize.seq_len\) exceed the model's context of 16"):
         build_trainer(narrow, run_name="narrow", storage_path=str(tokens.path.parent / "narrow"))
+
+
+def test_training_on_token_data_from_s3_gives_the_same_run(trained, s3_bucket, tmp_path):
+    """The same run with its token data on the S3 server (read through each node's cache): the same losses."""
+    from raylm import storage
+
+    cfg, summary, tokens = trained
+    data = f"{s3_bucket}/tokens"
+    storage.copy_tree(str(tokens.path), data)
+    again = load_config(None, [*RUN, f"--run.workdir={tmp_path}", f"--train.data={data}"])
+    result = run_stage("train", again)
+    assert result["steps"] == summary["steps"]
+    assert result["loss"] == summary["loss"] and result["val_loss"] == summary["val_loss"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,8 +98,8 @@ def test_a_replaced_tokenizer_or_an_old_format_is_refused(data, tmp_path):
         out.stats = read_manifest(data["path"])["stats"]
         for f in data["path"].rglob("*"):
             if f.is_file() and f.name != "manifest.json":
-                (out.tmp / f.relative_to(data["path"])).parent.mkdir(parents=True, exist_ok=True)
-                (out.tmp / f.relative_to(data["path"])).write_bytes(f.read_bytes())
+                (Path(out.tmp) / f.relative_to(data["path"])).parent.mkdir(parents=True, exist_ok=True)
+                (Path(out.tmp) / f.relative_to(data["path"])).write_bytes(f.read_bytes())
     read_token_meta(copy)
     (copy / "tokenizer.json").write_text(other.to_str())
     with pytest.raises(InputError, match="tokenizer.json: tokenizer .* the file was replaced"):

@@ -28,6 +28,7 @@ from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import TOKENIZER, load_model, read_model_meta
 from raylm.model.config import GPTConfig
+from raylm.storage import require_local
 from raylm.tokenize.shards import check_same_tokenizer, read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer, fit_to_output, ray_storage, stage_config
@@ -126,6 +127,8 @@ def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
 
 def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
     """The distill stage: train `dc.student` against `dc.teacher`; export `<distill.output>/model`."""
+    for key, location in {"distill.teacher": dc.teacher, "distill.data": dc.data, "distill.output": dc.output}.items():
+        require_local(location, key)
     teacher_meta = read_model_meta(dc.teacher)
     if teacher_meta.get("quantization"):
         raise InputError(f"{dc.teacher}: a quantized model cannot teach; point distill.teacher at a float model")
@@ -137,7 +140,7 @@ def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
     inputs = [dc.teacher, dc.data]
     with stage_output(dc.output, "distill", stage_config(dc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:
-            return {**out.manifest.get("stats", {}), "output": str(out.path)}
+            return {**out.manifest.get("stats", {}), "output": out.path}
         storage = ray_storage(dc.output, out.manifest["fingerprint"])
         teacher_dir = ctx.path(dc.teacher)
         trainer = build_trainer(

@@ -24,13 +24,14 @@ from raylm.context import RunContext
 from raylm.errors import InputError, RaylmError
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
 from raylm.model.quantized import count_parameters, quantize_gpt, save_quantized
+from raylm.storage import require_local
 
 PROBE_TOKENS = 64  # tokens per row of the random batch comparing float and int8 logits
 
 
 def check_source(path: str | os.PathLike) -> dict:
     """config.json of the float model to quantize, or an InputError naming what is wrong with it."""
-    d = require_path(path, "model to quantize (quantize.input)")
+    d = Path(require_path(path, "model to quantize (quantize.input)"))
     meta = read_model_meta(d)
     for name in (WEIGHTS, TOKENIZER):
         if not (d / name).is_file():
@@ -56,12 +57,14 @@ def compare_logits(reference: torch.nn.Module, other: torch.nn.Module, vocab_siz
 
 def run_quantize(qcfg: QuantizeConfig, ctx: RunContext) -> dict:
     """The quantize stage: `qcfg.input` to int8, written to `qcfg.output/model`; returns a summary."""
+    require_local(qcfg.input, "quantize.input")
+    require_local(qcfg.output, "quantize.output")
     check_source(qcfg.input)
     with stage_output(qcfg.output, "quantize", qcfg, inputs=[qcfg.input], overwrite=ctx.overwrite) as out:
         if not out.done:
-            out.stats = _quantize(qcfg.input, out.tmp / "model", tied_embedding=qcfg.tied_embedding, seed=ctx.seed)
+            out.stats = _quantize(qcfg.input, Path(out.tmp) / "model", tied_embedding=qcfg.tied_embedding, seed=ctx.seed)
     stats = out.manifest.get("stats") or out.stats
-    return {"output": str(out.path), "model": str(out.path / "model"), **stats}
+    return {"output": out.path, "model": str(Path(out.path) / "model"), **stats}
 
 
 def _quantize(source: str | os.PathLike, target: Path, *, tied_embedding: str, seed: int) -> dict:

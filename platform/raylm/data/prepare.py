@@ -17,6 +17,9 @@ Output, written atomically through `stage_output` (manifest.json is the completi
 The steps are wired here; raylm.data.sources lists the shards, raylm.data.readers reads them,
 raylm.data.writers writes the outputs, and raylm.data.stats makes the figures and the report.
 
+Output and checkpoints may live on a disk or an object store (raylm.storage): Ray Data's tasks
+write the Parquet files where they run, and the driver writes only the small files.
+
 Resumable: each step writes its result as Parquet under `<output>.work/` and marks it done;
 a run that was killed and started again with the same config and input skips the finished
 steps. Every step is deterministic, so the output is the same as an uninterrupted run's.
@@ -29,17 +32,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
 from ray.data.expressions import col
 from ray.exceptions import RayTaskError
 
+from raylm import storage
 from raylm.artifacts import fingerprint, stage_output
 from raylm.context import RunContext
 from raylm.data import stats as st
@@ -77,64 +78,66 @@ def run_prepare(pcfg: PrepareConfig, ctx: RunContext) -> dict:
     A finished output with the same config and input is reused. Returns {"output", "reused", "stats"};
     raises InputError (one line: file, line) on bad input.
     """
+    storage.check_writable(pcfg.output)
     files = list_input_files(pcfg.input, on_error=pcfg.on_error)
     prints = input_fingerprints(pcfg.input, files)
     with stage_output(pcfg.output, "prepare", pcfg, overwrite=ctx.overwrite, input_prints=prints) as out:
         if out.done:
-            return {"output": str(out.path), "reused": True, "stats": out.manifest.get("stats", {})}
-        work = WorkDir(Path(f"{pcfg.output}.work"), fingerprint("prepare", pcfg, prints))
-        stats = prepare_to(pcfg, files, str(out.tmp), work)
-        (out.tmp / STATS_FILE).write_text(json.dumps(stats, indent=2))
+            return {"output": out.path, "reused": True, "stats": out.manifest.get("stats", {})}
+        work = WorkDir(f"{out.path}.work", fingerprint("prepare", pcfg, prints))
+        stats = prepare_to(pcfg, files, out.tmp, work)
+        out.write_json(STATS_FILE, stats)
         report = st.format_report(stats)
-        (out.tmp / REPORT_FILE).write_text(report)
+        out.write_text(REPORT_FILE, report)
         out.stats = stats
     work.remove()
     logger.info("[raylm] prepare finished:\n%s", report)
-    return {"output": str(out.path), "reused": False, "stats": stats}
+    return {"output": out.path, "reused": False, "stats": stats}
 
 
 class WorkDir:
     """Checkpoints of one prepare run: a Parquet directory per finished step, reused when the run restarts.
 
-    A step's directory is written under a temporary name and renamed when complete, then a
-    `<step>.done.json` with its figures is written: a step without its marker did not finish.
-    Checkpoints of another config or input (another fingerprint) are discarded.
+    A step's directory is written, then a `<step>.done.json` with its figures: a step without its
+    marker did not finish, and is written again from scratch. The same on a disk and on an object
+    store. Checkpoints of another config or input (another fingerprint) are discarded.
     """
 
-    def __init__(self, path: Path, fingerprint: str):
+    def __init__(self, path: str, fingerprint: str):
         self.path = path
-        stamp = path / "FINGERPRINT"
-        if path.exists() and (not stamp.exists() or stamp.read_text() != fingerprint):
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fingerprint)
+        stamp = storage.join(path, "FINGERPRINT")
+        try:
+            stamped = storage.read_text(stamp)
+        except FileNotFoundError:
+            stamped = None
+        if stamped != fingerprint:
+            storage.remove(path)
+        storage.make_dirs(path)
+        storage.write_text(stamp, fingerprint)
         self.resumed: list[str] = []
 
     def step(self, name: str, schema: pa.Schema, build: Callable[[], object], measure: Callable[[object], dict]):
         """The Ray Dataset of step `name` and its figures: read back if finished, else built, written and measured."""
-        marker = self.path / f"{name}.done.json"
-        target = self.path / name
-        if marker.exists():
+        marker = storage.join(self.path, f"{name}.done.json")
+        target = storage.join(self.path, name)
+        if storage.is_file(marker):
             self.resumed.append(name)
             logger.info("[raylm] prepare: step %s already done, reusing %s", name, target)
-            return read_parquet_dir(target, schema), json.loads(marker.read_text())
+            return read_parquet_dir(target, schema), json.loads(storage.read_text(marker))
         started = time.time()
-        tmp = self.path / f"{name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        # Held in the object store (which spills to disk past its size) for the figures and the
+        storage.remove(target)  # what a killed run wrote of this step
+        # Held in Ray's object store (which spills to disk past its size) for the figures and the
         # next step; the Parquet copy is what a restarted run reads instead of recomputing.
         ds = build().materialize()
         figures = measure(ds)
-        write_parquet_dir(ds, str(tmp), schema)
-        os.rename(tmp, target)
+        write_parquet_dir(ds, target, schema)
         figures["seconds"] = round(time.time() - started, 2)
-        marker.write_text(json.dumps(figures))
+        storage.write_text(marker, json.dumps(figures))
         logger.info("[raylm] prepare: step %s done in %.1f s", name, figures["seconds"])
         return ds, figures
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        storage.remove(self.path)
 
 
 def prepare_to(cfg: PrepareConfig, files: list[InputFile], out_dir: str, work: WorkDir) -> dict:

@@ -10,9 +10,6 @@ temporary output), so writing over what is there is safe.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -21,6 +18,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 from ray.data.expressions import col
 
+from raylm import storage
 from raylm.data.split import SPLITS
 
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
@@ -29,15 +27,15 @@ OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 
 def write_parquet_dir(ds, path: str, schema: pa.Schema, min_rows_per_file: int | None = None) -> None:
     """Write a dataset as `part-*.parquet` under `path`; an empty one gets one empty file of `schema`."""
-    ds.write_datasink(ParquetFiles(path, schema, min_rows_per_file))
-    os.makedirs(path, exist_ok=True)
-    if not any(name.endswith(".parquet") for name in os.listdir(path)):
-        pq.write_table(schema.empty_table(), f"{path}/part-00000.parquet")
+    ds.write_datasink(ParquetFiles(path, schema, min_rows_per_file), ray_remote_args=storage.task_env(path))
+    if not any(f.name.endswith(".parquet") for f in storage.list_files(path)):
+        with storage.open_output(storage.join(path, "part-00000.parquet")) as f:
+            pq.write_table(schema.empty_table(), f)
 
 
-def read_parquet_dir(path: Path, schema: pa.Schema):
+def read_parquet_dir(path: str, schema: pa.Schema):
     """A directory written by `write_parquet_dir` as a Ray Dataset, with its schema as written."""
-    return ray.data.read_parquet(str(path), schema=schema)
+    return ray.data.read_parquet(path, schema=schema, ray_remote_args=storage.task_env(path))
 
 
 def write_split(ds, split: str, path: str, docs_per_file: int) -> None:
@@ -58,8 +56,8 @@ def write_splits(ds, out_dir: str, docs_per_file: int) -> None:
 def write_quarantine(documents, path: str) -> None:
     """Write the bad records among `documents` (reason `quarantined`) as `part-*.jsonl`: id, error_kind, error, text."""
     bad = documents.filter(expr=col("reason") == "quarantined").select_columns(["id", "error_kind", "error", "text"])
-    os.makedirs(path, exist_ok=True)
-    bad.write_json(path, filename_provider=_PartFiles("jsonl"), mode="overwrite")
+    storage.make_dirs(path)
+    bad.write_json(path, filename_provider=_PartFiles("jsonl"), mode="overwrite", ray_remote_args=storage.task_env(path))
 
 
 class ParquetFiles(BlockBasedFileDatasink):

@@ -29,11 +29,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from raylm.artifacts import stage_output, write_json_atomic
+from raylm.artifacts import stage_output
 from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError, RaylmError
 from raylm.evaluate.config import EvaluateConfig
 from raylm.evaluate.perplexity import perplexity_metrics, sum_cross_entropy
+from raylm.storage import require_local
 from raylm.train.metrics import target_bytes
 from raylm.evaluate.speed import decode_speed
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
@@ -167,6 +168,9 @@ def _caption(ecfg: EvaluateConfig, rows: list[dict]) -> str:
 
 def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
     """The evaluate stage: score every model of `ecfg.models`; write results.json and table.txt; return a summary."""
+    for key, location in {"evaluate.data": ecfg.data, "evaluate.output": ecfg.output,
+                          **{f"evaluate.models.{k}": v for k, v in ecfg.models.items()}}.items():  # fmt: skip
+        require_local(location, key)
     if not ecfg.models:
         raise ConfigError("evaluate.models: no models to evaluate")
     check_inputs(ecfg)
@@ -177,20 +181,20 @@ def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
     inputs = [ecfg.data, *ecfg.models.values()]
     with stage_output(ecfg.output, "evaluate", ecfg, inputs=inputs, overwrite=ctx.overwrite) as out:
         if out.done:
-            console.print((out.path / TABLE).read_text().rstrip(), markup=False, highlight=False)
-            return _summary(out.path, out.manifest.get("stats", {}))
+            console.print((Path(out.path) / TABLE).read_text().rstrip(), markup=False, highlight=False)
+            return _summary(Path(out.path), out.manifest.get("stats", {}))
         rows = add_relative([_run_task(name, path, ecfg, console) for name, path in ecfg.models.items()])
         caption = _caption(ecfg, rows)
         table = results_table(rows)
-        write_json_atomic(out.tmp / RESULTS, {"data": ecfg.data, "split": "validation", "note": caption, "models": rows})
-        (out.tmp / TABLE).write_text(table_text(table, caption))
+        out.write_json(RESULTS, {"data": ecfg.data, "split": "validation", "note": caption, "models": rows})
+        out.write_text(TABLE, table_text(table, caption))
         out.stats = {
             "models": {r["name"]: {k: r[k] for k in ("ppl", "val_loss", "tokens_per_s", "size_bytes")} for r in rows}
         }
     wide = Console(width=max(console.width, 120))  # a narrow terminal would squeeze the columns into stubs
     wide.print(table)
     wide.print(caption, highlight=False)
-    return _summary(out.path, out.stats)
+    return _summary(Path(out.path), out.stats)
 
 
 def _summary(path: Path, stats: dict) -> dict:

@@ -203,9 +203,9 @@ def run_sft_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
     config = {**json.loads(tc.model_dump_json()), "seed": ctx.seed}  # the split depends on the seed
     with stage_output(tc.output, "tokenize", config, inputs=[tc.input, tc.tokenizer], overwrite=ctx.overwrite) as out:
         if out.done:
-            return {"output": str(out.path), "reused": True, **out.manifest.get("stats", {})}
-        out.stats = write_sft_data(tc, files, out.tmp, ctx.seed)
-    return {"output": str(out.path), "reused": False, **out.stats}
+            return {"output": out.path, "reused": True, **out.manifest.get("stats", {})}
+        out.stats = write_sft_data(tc, files, Path(out.tmp), ctx.seed)
+    return {"output": out.path, "reused": False, **out.stats}
 
 
 def write_sft_data(tc: TokenizeConfig, files: list[Path], out: Path, seed: int) -> dict:

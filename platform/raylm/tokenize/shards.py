@@ -21,6 +21,9 @@ seq_len ids) is left out; the manifest counts it. A document starting at stream 
 starts in row p // seq_len at column p % seq_len, which is what per-document attention and
 loss masks are built from (`document_starts`).
 
+A token output on an object store is read from a copy in the node's cache (raylm.storage.local_copy),
+downloaded once per node and version, so that it memory-maps like a local one.
+
 Supervised fine-tuning data (raylm.tokenize.sft) uses the same files with one example per row,
 padded, and a loss mask: target j of a row (id j + 1) counts only where mask[j + 1] is 1.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raylm import storage
 from raylm.artifacts import require_stage_output
 from raylm.errors import InputError
 
@@ -92,6 +96,12 @@ class TokenMeta:
     format_version: int = FORMAT_VERSION
     loss_mask: bool = False
     """Each token shard has a loss mask beside it (loss_mask/<split>/): only masked-in ids are targets."""
+    location: str = ""
+    """Where the output lives, as configured (a URI for an object store; `path` is then this node's copy)."""
+
+    def __post_init__(self):
+        if not self.location:
+            object.__setattr__(self, "location", str(self.path))
 
     @property
     def tokenizer_file(self) -> Path:
@@ -127,6 +137,7 @@ def read_token_meta(path: str | os.PathLike) -> TokenMeta:
     """Metadata of a finished tokenize output, or an InputError naming what is wrong.
 
     Checks the format version and that tokenizer.json is the tokenizer the shards were written with.
+    An output on an object store is copied to this node's cache first (once per node and version).
     """
     manifest = require_stage_output(path, "tokenize")
     stats = manifest.get("stats") or {}
@@ -136,7 +147,7 @@ def read_token_meta(path: str | os.PathLike) -> TokenMeta:
             f"{path}: token format version {version!r}, this raylm reads version {FORMAT_VERSION}; run `raylm tokenize` again"
         )
     meta = TokenMeta(
-        path=Path(path),
+        path=Path(storage.local_copy(path, manifest["fingerprint"])),
         vocab_size=int(stats["vocab_size"]),
         seq_len=int(stats["seq_len"]),
         eos_token_id=int(stats["eos_token_id"]),
@@ -144,6 +155,7 @@ def read_token_meta(path: str | os.PathLike) -> TokenMeta:
         num_sequences={k: int(v) for k, v in stats["num_sequences"].items()},
         vocab_hash=str(stats["vocab_hash"]),
         loss_mask=bool(stats.get("loss_mask", False)),
+        location=str(path),
     )
     found = file_vocab_hash(meta.tokenizer_file)
     if found != meta.vocab_hash:

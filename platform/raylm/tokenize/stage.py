@@ -10,6 +10,11 @@ Encoding runs in parallel with the input order preserved, and one streaming pack
 driver cuts the ordered stream into rows, so the shards are the same bytes on every run,
 whatever the number of actors or the block sizes.
 
+Input and output may be local paths or object-store URIs (raylm.storage). The read tasks open
+the prepared Parquet files where they are; the packer writes into a local directory, which is
+uploaded to an object-store output before its manifest is written (packing on the workers, so
+that shards go to storage without passing through the driver, is still to come).
+
 The format is shards.py's (version 2). Manifest stats: the TokenMeta fields, then per split
 `documents`, `tokens` (separators included), `dropped_tokens` (the tail shorter than a row),
 `shards` and `pieces` (rows encoded: documents plus the extra pieces of long ones); and
@@ -21,6 +26,8 @@ actor start-up included).
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -32,9 +39,11 @@ import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from raylm import storage
 from raylm.artifacts import require_stage_output, stage_output
 from raylm.context import RunContext
 from raylm.errors import InputError
+from raylm.storage import require_local
 from raylm.tokenize.bpe import (
     TOKENIZER_FILE, check_vocab_size, eos_token_id, load_existing_tokenizer, train_tokenizer, vocab_size_of,
 )
@@ -53,6 +62,11 @@ def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
 
     With tokenize.format sft, encodes prompt/completion JSONL instead (raylm.tokenize.sft).
     """
+    require_local(tc.tokenizer or "", "tokenize.tokenizer")
+    if tc.format == "sft":
+        require_local(tc.input, "tokenize.input")
+        require_local(tc.output, "tokenize.output")
+    storage.check_writable(tc.output)
     if tc.format == "sft":
         return run_sft_tokenize(tc, ctx)
     if tc.tokenizer is None:
@@ -63,20 +77,35 @@ def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
     for split, n in num_docs.items():
         if n == 0:
             raise InputError(
-                f"{Path(tc.input) / split}: the {split} split has no documents"
+                f"{storage.join(tc.input, split)}: the {split} split has no documents"
                 + (" (prepare.validation_fraction may be 0 or too small for this corpus)" if split == "validation" else "")
             )
     extra_inputs = [tc.tokenizer] if tc.tokenizer else []
     with stage_output(tc.output, "tokenize", tc, inputs=[tc.input, *extra_inputs], overwrite=ctx.overwrite) as out:
         if out.done:
             return _summary(out.path, out.manifest.get("stats", {}), reused=True)
-        out.stats = _tokenize(tc, inputs, num_docs, out.tmp)
+        if not storage.is_uri(out.tmp):
+            out.stats = _tokenize(tc, inputs, num_docs, Path(out.tmp))
+        else:  # packed into a local directory, then uploaded
+            staging = Path(tempfile.mkdtemp(prefix="raylm-tokenize-"))
+            try:
+                out.stats = _tokenize(tc, inputs, num_docs, staging)
+                storage.copy_tree(str(staging), out.tmp)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return _summary(out.path, out.stats, reused=False)
 
 
 def split_files(root: str, split: str) -> list[str]:
     """Sorted Parquet files of one split of a prepare output (none when the split directory is absent)."""
-    return sorted(str(f) for f in (Path(root) / split).glob("*.parquet"))
+    directory = storage.join(root, split)
+    return [storage.join(directory, f.name) for f in storage.list_files(directory)
+            if f.name.endswith(".parquet") and "/" not in f.name]  # fmt: skip
+
+
+def _parquet_file(location: str) -> pq.ParquetFile:
+    fs, inner = storage.filesystem(location)
+    return pq.ParquetFile(inner, filesystem=fs)
 
 
 def count_documents(files: list[str]) -> int:
@@ -84,7 +113,7 @@ def count_documents(files: list[str]) -> int:
     total = 0
     for f in files:
         try:
-            meta = pq.ParquetFile(f).metadata
+            meta = _parquet_file(f).metadata
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... on a bad file
             raise InputError(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
         schema = meta.schema.to_arrow_schema()
@@ -103,7 +132,7 @@ def read_texts(batch: dict, *, batch_rows: int, max_chars: int | None):
     With max_chars, long documents come out as pieces (encode.split_long_documents).
     """
     for path in batch["path"]:
-        for record_batch in pq.ParquetFile(str(path)).iter_batches(batch_size=batch_rows, columns=[TEXT_COLUMN]):
+        for record_batch in _parquet_file(str(path)).iter_batches(batch_size=batch_rows, columns=[TEXT_COLUMN]):
             table = pa.Table.from_batches([record_batch])
             yield split_long_documents(table, max_chars) if max_chars else table
 
@@ -115,7 +144,8 @@ def _ordered_texts(files: list[str], batch_rows: int, max_chars: int | None = No
     seconds of fixed cost for files whose row counts are already known here.
     """
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
-    ds = ds.map_batches(read_texts, batch_size=1, fn_kwargs={"batch_rows": batch_rows, "max_chars": max_chars})
+    ds = ds.map_batches(read_texts, batch_size=1, fn_kwargs={"batch_rows": batch_rows, "max_chars": max_chars},
+                        **storage.task_env(files[0] if files else ""))  # fmt: skip
     # Set on this dataset's own copy of the DataContext: the global one, shared with other stages, stays as it is.
     ds.context.execution_options.preserve_order = True
     return ds
@@ -238,7 +268,7 @@ def _encode_and_pack(
     for split, c in counts.items():
         if c["sequences"] == 0:
             raise InputError(
-                f"{Path(tc.input) / split}: the {split} split's {c['documents']} documents hold {c['tokens']} tokens, "
+                f"{storage.join(tc.input, split)}: the {split} split's {c['documents']} documents hold {c['tokens']} tokens, "
                 f"too few for one sequence of tokenize.seq_len + 1 = {tc.seq_len + 1}; lower seq_len or add documents"
             )
     return counts
@@ -303,5 +333,5 @@ def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[s
     }
 
 
-def _summary(path: Path, stats: dict, reused: bool) -> dict:
+def _summary(path: str, stats: dict, reused: bool) -> dict:
     return {"output": str(path), "reused": reused, **stats}

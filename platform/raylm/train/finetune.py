@@ -80,9 +80,9 @@ def check_finetune(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig, sect
         raise ConfigError(f"{section}.init_from: starting from a trained model runs without pipeline stages (set {section}.pipeline_stages=1)")
     if meta.loss_mask:
         if getattr(train_cfg, "objective", "causal") != "causal":
-            raise ConfigError(f"{section}.objective: token data with loss masks (SFT, {meta.path}) needs the causal objective")
+            raise ConfigError(f"{section}.objective: token data with loss masks (SFT, {meta.location}) needs the causal objective")
         if getattr(train_cfg, "pipeline_stages", 1) > 1:
-            raise ConfigError(f"{section}.pipeline_stages: token data with loss masks (SFT, {meta.path}) trains without pipeline stages")
+            raise ConfigError(f"{section}.pipeline_stages: token data with loss masks (SFT, {meta.location}) trains without pipeline stages")
 
 
 def load_init_weights(model: GPT, model_dir: str | Path) -> None:
@@ -106,5 +106,5 @@ def prepare_finetune(
     if train_cfg.lora is not None:
         extra["lora"] = {**train_cfg.lora.model_dump(mode="json"), "merged": True}
     if meta.loss_mask:
-        extra["sft_data"] = str(meta.path)
+        extra["sft_data"] = meta.location
     return train_cfg, extra

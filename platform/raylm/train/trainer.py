@@ -32,7 +32,7 @@ from raylm.artifacts import StageOutput, stage_output
 from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.config import GPTConfig
-from raylm.storage import absolute, is_uri
+from raylm.storage import absolute, is_uri, require_local
 from raylm.tokenize.shards import TokenMeta, read_token_meta
 from raylm.train.checkpoint import STATE_FILE, latest_run_checkpoint, verify_checkpoint
 from raylm.train.config import TrainConfig
@@ -82,11 +82,11 @@ def _check_data(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig) -> None
         )
     if gpt.block_size < meta.seq_len:
         raise InputError(
-            f"{meta.path}: sequences of {meta.seq_len} tokens (tokenize.seq_len) exceed the model's context of "
+            f"{meta.location}: sequences of {meta.seq_len} tokens (tokenize.seq_len) exceed the model's context of "
             f"{gpt.block_size} (model.block_size); tokenize with a seq_len of at most {gpt.block_size} or widen the context"
         )
     if gpt.vocab_size < meta.vocab_size:
-        raise InputError(f"{meta.path}: vocab_size {meta.vocab_size} exceeds the model's vocab_size {gpt.vocab_size}")
+        raise InputError(f"{meta.location}: vocab_size {meta.vocab_size} exceeds the model's vocab_size {gpt.vocab_size}")
 
 
 def build_trainer(
@@ -179,6 +179,7 @@ def fit_to_output(
 
     Returns the summary (final figures and output paths, plus `extra`), also written to metrics.json.
     """
+    tmp, final_path = Path(out.tmp), Path(out.path)
     started = time.time()
     result = trainer.fit()
     seconds = time.time() - started
@@ -186,17 +187,17 @@ def fit_to_output(
         raise RuntimeError(f"{storage / run_name}: the run reported no checkpoint")
     with result.checkpoint.as_directory() as d:
         checkpoint = Path(d)
-        shutil.copytree(checkpoint / MODEL_DIR, out.tmp / MODEL_DIR)
+        shutil.copytree(checkpoint / MODEL_DIR, tmp / MODEL_DIR)
         state = json.loads((checkpoint / STATE_FILE).read_text())
         probe = load_file(str(checkpoint / PROBE_FILE))
     final = dict(result.metrics)
-    model_meta = json.loads((out.tmp / MODEL_DIR / "config.json").read_text())
+    model_meta = json.loads((tmp / MODEL_DIR / "config.json").read_text())
     summary = {
-        "output": str(out.path),
-        "model": str(out.path / MODEL_DIR),
-        "metrics": str(out.path / "metrics.json"),
-        "loss_curve": str(out.path / "loss_curve.png"),
-        "checkpoint": str(out.path / RAY_DIR / os.path.relpath(result.checkpoint.path, storage)),
+        "output": out.path,
+        "model": str(final_path / MODEL_DIR),
+        "metrics": str(final_path / "metrics.json"),
+        "loss_curve": str(final_path / "loss_curve.png"),
+        "checkpoint": str(final_path / RAY_DIR / os.path.relpath(result.checkpoint.path, storage)),
         "steps": int(final["step"]),
         "loss": final["loss"],
         "val_loss": final["val_loss"],
@@ -207,7 +208,7 @@ def fit_to_output(
         **{k: final[k] for k in (*TRAIN_FIGURES, *RUN_FIGURES, "val_bpb") if k in final},
         "seconds": round(seconds, 1),
         "num_params": model_meta["num_params"],
-        "export_max_abs_diff": export_check(out.tmp / MODEL_DIR, probe),
+        "export_max_abs_diff": export_check(tmp / MODEL_DIR, probe),
         "resumed_from_step": final.get("start_step", 0),
         # pipeline runs: the Ray node ids of each stage's workers, as the workers saw them
         **({"pipeline_stage_nodes": final["pipeline_stage_nodes"]} if "pipeline_stage_nodes" in final else {}),
@@ -215,10 +216,10 @@ def fit_to_output(
     }
     history = state["history"]
     metrics = {"summary": summary, "final": final, "history": history}
-    (out.tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_loss_curve(history, out.tmp / "loss_curve.png", title)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_loss_curve(history, tmp / "loss_curve.png", title)
     # The run is finished: its checkpoints move into the output; the resumable copy beside it goes.
-    shutil.move(str(storage / run_name), str(out.tmp / RAY_DIR / run_name))
+    shutil.move(str(storage / run_name), str(tmp / RAY_DIR / run_name))
     shutil.rmtree(storage, ignore_errors=True)
     try:
         storage.parent.rmdir()  # <output>.ray, when no other config's run is waiting there
@@ -234,10 +235,12 @@ def stage_config(section_cfg, seed: int) -> dict:
 
 def run_train(tc: TrainConfig, ctx: RunContext) -> dict:
     """The train stage: fit `tc` on its token data, export `<train.output>/model`, return a summary."""
+    for key, location in {"train.output": tc.output, "train.init_from": tc.init_from or ""}.items():
+        require_local(location, key)
     inputs = [tc.data, *([tc.init_from] if tc.init_from else [])]  # a retrained base is a new run
     with stage_output(tc.output, "train", stage_config(tc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:
-            return {**out.manifest.get("stats", {}), "output": str(out.path)}
+            return {**out.manifest.get("stats", {}), "output": out.path}
         storage = ray_storage(tc.output, out.manifest["fingerprint"])
         trainer = build_trainer(tc, run_name=ctx.name, storage_path=str(storage), seed=ctx.seed)
         m = tc.model

@@ -40,6 +40,7 @@ from rich.table import Table
 from raylm.artifacts import stage_output
 from raylm.context import RunContext
 from raylm.errors import ConfigError, RaylmError
+from raylm.storage import require_local
 from raylm.tokenize.shards import read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer
@@ -318,6 +319,8 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
 
     Returns a summary: output, best trial, its params and val_loss, trial counts, paths of the files.
     """
+    for key, location in {"train.data": job.train.data, "tune.output": job.tune.output}.items():
+        require_local(location, key)
     tune_cfg, train = job.tune, job.train
     check_search_space(tune_cfg, train)
     if tune_cfg.grace_period >= max_reports_per_trial(tune_cfg):
@@ -329,8 +332,8 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
 
     with stage_output(tune_cfg.output, "tune", stage_config(job, ctx.seed), [train.data], ctx.overwrite) as out:
         if out.done:
-            return {**out.manifest.get("stats", {}), "output": str(out.path)}
-        root = out.tmp.resolve()
+            return {**out.manifest.get("stats", {}), "output": out.path}
+        root, final = Path(out.tmp), Path(out.path)
         started = time.time()
         pgs_before = set(ray.util.placement_group_table())
         grid = _run_trials(train, tune_cfg, ctx.seed, root, ctx.name)
@@ -341,26 +344,26 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
             first = next((r.error for r in records if r.error), "no trial reported a validation loss")
             raise RaylmError(f"tune: none of {len(records)} trials finished a validation pass; first error: {first}")
 
-        write_leaderboard(records, tune_cfg, out.tmp)
+        write_leaderboard(records, tune_cfg, root)
         stopped = sum(r.stopped_early for r in records)
         title = f"{ctx.name}: {len(records)} trials, {stopped} stopped early by ASHA"
-        plot_sweep(records, out.tmp / "sweep.png", title)
-        write_best_config(ctx.config_yaml, train, best, out.tmp / "best_config.yaml")
+        plot_sweep(records, root / "sweep.png", title)
+        write_best_config(ctx.config_yaml, train, best, root / "best_config.yaml")
         _print_leaderboard(records, tune_cfg)
         summary = {
-            "output": str(out.path),
+            "output": out.path,
             "best_trial": best.trial_id,
             "best_params": best.params,
             "best_val_loss": best.final_val_loss,
             "best_val_ppl": best.final_val_ppl,
-            "best_checkpoint": best.checkpoint and str(out.path / best.checkpoint),
+            "best_checkpoint": best.checkpoint and str(final / best.checkpoint),
             "num_trials": len(records),
             "num_stopped_early": stopped,
             "num_errors": sum(r.status == "error" for r in records),
             "seconds": round(time.time() - started, 1),
-            "leaderboard": str(out.path / "leaderboard.csv"),
-            "best_config": str(out.path / "best_config.yaml"),
-            "sweep_plot": str(out.path / "sweep.png"),
+            "leaderboard": str(final / "leaderboard.csv"),
+            "best_config": str(final / "best_config.yaml"),
+            "sweep_plot": str(final / "sweep.png"),
         }
         out.stats = summary
     return summary
