@@ -67,6 +67,8 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
+    if path.startswith("s3://") and (s3 := _s3_from_environment()) is not None:
+        return s3, path[len("s3://") :]
     try:
         return pafs.FileSystem.from_uri(path)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as native_error:
@@ -77,6 +79,21 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
             return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
         except Exception:
             raise InputError(f"{path}: cannot open this location ({first_line(native_error)})") from None
+
+
+def _s3_from_environment() -> pafs.S3FileSystem | None:
+    """An S3 client with the keys, region and endpoint of this process's environment, when it names them all.
+
+    Unlike one made from the URI (which reads the environment where it is used), it carries them when
+    it is pickled: Ray Train hands it to its controller and workers, whose environment may have none.
+    """
+    env = os.environ
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY") and region):
+        return None
+    return pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                             session_token=env.get("AWS_SESSION_TOKEN"), region=region,
+                             endpoint_override=env.get("AWS_ENDPOINT_URL"))  # fmt: skip
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -129,6 +146,19 @@ def open_output(path: str | os.PathLike) -> Iterator:
         spool.seek(0)
         with fs.open_output_stream(inner) as f:
             shutil.copyfileobj(spool, f, UPLOAD_CHUNK)
+
+
+@contextmanager
+def local_file(path: str | os.PathLike) -> Iterator[str]:
+    """A local path to write a file to, for libraries that want a path; it becomes `path` when the block ends."""
+    directory = tempfile.mkdtemp(prefix="raylm-file-")
+    try:
+        local = os.path.join(directory, os.path.basename(str(path).rstrip("/")))
+        yield local
+        with open(local, "rb") as src, open_output(path) as dst:
+            shutil.copyfileobj(src, dst, UPLOAD_CHUNK)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -178,14 +178,28 @@ def test_data_longer_than_the_models_context_is_refused_before_any_worker_starts
         build_trainer(narrow, run_name="narrow", storage_path=str(tokens.path.parent / "narrow"))
 
 
-def test_training_on_token_data_from_s3_gives_the_same_run(trained, s3_bucket, tmp_path):
-    """The same run with its token data on the S3 server (read through each node's cache): the same losses."""
+def test_training_on_s3_gives_the_same_run(trained, s3_bucket, tmp_path):
+    """The same run with run.workdir on the S3 server: the token data read through the node's cache, the
+    checkpoints in Ray Train's storage there, the model and figures written there; the same losses."""
     from raylm import storage
 
     cfg, summary, tokens = trained
-    data = f"{s3_bucket}/tokens"
-    storage.copy_tree(str(tokens.path), data)
-    again = load_config(None, [*RUN, f"--run.workdir={tmp_path}", f"--train.data={data}"])
+    workdir = f"{s3_bucket}/run"
+    storage.copy_tree(str(tokens.path), f"{workdir}/tokens")
+    again = load_config(None, [*RUN, f"--run.workdir={workdir}"])
     result = run_stage("train", again)
     assert result["steps"] == summary["steps"]
     assert result["loss"] == summary["loss"] and result["val_loss"] == summary["val_loss"]
+    output = f"{workdir}/train"
+    assert result["output"] == output and read_manifest(output)["stats"]["loss"] == summary["loss"]
+    names = {f.name for f in storage.list_files(output)}
+    assert {"model/model.safetensors", "model/config.json", "model/tokenizer.json", "metrics.json", "loss_curve.png"} <= names
+    assert result["checkpoint"].startswith(f"{output}/ray/unit/checkpoint_")
+    assert storage.list_files(result["checkpoint"])  # the final checkpoint moved into the output
+    assert not storage.list_files(f"{output}.ray")  # and the resumable copy beside it is gone
+    local = load_model(Path(summary["model"]))
+    copied = tmp_path / "model"
+    storage.copy_tree(result["model"], str(copied))
+    theirs = load_model(copied)
+    assert all(torch.equal(a, b) for a, b in zip(local.model.state_dict().values(), theirs.model.state_dict().values()))
+    assert not any(tmp_path.iterdir()) or sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing else here

@@ -158,6 +158,39 @@ def test_a_killed_worker_restarts_and_the_run_continues_from_the_latest_checkpoi
     assert metrics["val_loss"] == pytest.approx(steady[1].metrics["val_loss"], rel=1e-3)
 
 
+def test_a_killed_worker_resumes_from_its_checkpoint_on_s3(tokens, steady, s3_bucket):
+    """Ray Train's storage on the S3 server: the restarted workers resume from the checkpoint there, and the run
+    ends where the uninterrupted one does."""
+    from raylm import storage
+
+    cfg = _config(tokens, max_failures=1)
+    run_dir = f"{s3_bucket}/faults/faulted-s3"
+    trainer = build_trainer(cfg, run_name="faulted-s3", storage_path=f"{s3_bucket}/faults")
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+    thread.start()
+
+    def complete_steps() -> list[int]:
+        markers = [f.name for f in storage.list_files(run_dir) if f.name.endswith("/complete.json")]
+        return sorted(json.loads(storage.read_text(f"{run_dir}/{m}"))["step"] for m in markers)
+
+    deadline = time.monotonic() + 300
+    while not complete_steps() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first = complete_steps()
+    assert first, "no checkpoint reached S3 before the run ended"
+    pids = _train_worker_pids()
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert "result" in outcome, "the run did not finish after the restart"
+    metrics = outcome["result"].metrics
+    assert metrics["step"] == MAX_STEPS and metrics["start_step"] >= first[0] > 0
+    assert metrics["sample_checksum"] == steady[1].metrics["sample_checksum"]
+    assert metrics["loss"] == pytest.approx(steady[1].metrics["loss"], rel=1e-3)
+    assert metrics["val_loss"] == pytest.approx(steady[1].metrics["val_loss"], rel=1e-3)
+
+
 def test_time_based_checkpoints_are_taken_between_step_intervals(steady):
     cfg, result, storage = steady
     steps = _checkpoint_steps(storage / "steady")

@@ -141,12 +141,12 @@ def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
     with stage_output(dc.output, "distill", stage_config(dc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": out.path}
-        storage = ray_storage(dc.output, out.manifest["fingerprint"])
+        run_storage = ray_storage(dc.output, out.manifest["fingerprint"])
         teacher_dir = ctx.path(dc.teacher)
         trainer = build_trainer(
             train_cfg,
             run_name=run_name,
-            storage_path=str(storage),
+            storage_path=run_storage,
             seed=ctx.seed,
             model=student,
             loss_hook=DistillationLoss(teacher_dir, dc.temperature, dc.alpha),
@@ -155,6 +155,6 @@ def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
         )
         title = f"{run_name}: student {dc.student.preset} from teacher {teacher.n_layer}x{teacher.d_model}"
         extra = {"teacher": dc.teacher, "teacher_params": teacher_meta.get("num_params")}
-        summary = fit_to_output(trainer, out, storage=storage, run_name=run_name, title=title, extra=extra)
+        summary = fit_to_output(trainer, out, run_storage=run_storage, run_name=run_name, title=title, extra=extra)
         out.stats = summary
     return summary

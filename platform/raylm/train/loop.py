@@ -27,7 +27,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.model.config import GPTConfig
+from raylm.storage import is_uri
 from raylm.tokenize.shards import TokenMeta, read_token_meta
 from raylm.train import pipeline_parallel as pipe
 from raylm.train.checkpoint import CheckpointClock, mark_complete, read_state, restore, resume_from, save
@@ -127,6 +128,8 @@ class _Worker:
         placement = {"pipeline_stage_nodes": pipe.stage_nodes(coords, cfg.pipeline_placement)} if self.pipelined else {}
 
         meta = read_token_meta(cfg.data)
+        if is_uri(cfg.data):  # the tokenizer of this node's copy of the data, not the driver's
+            self.spec = spec = replace(spec, tokenizer_file=str(meta.tokenizer_file))
         order = SequenceOrder(meta.num_sequences["train"], cfg.micro_batch_size, coords.dp_size, spec.seed, cfg.shuffle)
         checkpoint = resume_from(ray.train.get_checkpoint(), self.rank)
         state, self.data = read_state(checkpoint, spec.model, order, self.rank)

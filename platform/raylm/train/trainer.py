@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +33,9 @@ from raylm.artifacts import StageOutput, stage_output
 from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.config import GPTConfig
-from raylm.storage import absolute, is_uri, require_local
+from raylm.storage import (
+    absolute, check_writable, copy_tree, filesystem, is_uri, join, local_file, remove, require_local,
+)
 from raylm.tokenize.shards import TokenMeta, read_token_meta
 from raylm.train.checkpoint import STATE_FILE, latest_run_checkpoint, verify_checkpoint
 from raylm.train.config import TrainConfig
@@ -158,7 +161,9 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=run_name,
-            storage_path=storage_path,
+            # On an object store, with a client that carries the driver's settings to the controller and workers.
+            storage_path=filesystem(storage_path)[1] if is_uri(storage_path) else storage_path,
+            storage_filesystem=filesystem(storage_path)[0] if is_uri(storage_path) else None,
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
             callbacks=list(callbacks),
@@ -167,37 +172,38 @@ def build_trainer(
     )
 
 
-def ray_storage(output: str | os.PathLike, fingerprint: str) -> Path:
+def ray_storage(output: str | os.PathLike, fingerprint: str) -> str:
     """Where a stage's Ray Train run lives until it finishes: stable across restarts of the same config."""
-    return Path(f"{absolute(output)}.ray") / fingerprint
+    return join(f"{absolute(output)}.ray", fingerprint)
 
 
 def fit_to_output(
-    trainer, out: StageOutput, *, storage: Path, run_name: str, title: str, extra: dict | None = None
+    trainer, out: StageOutput, *, run_storage: str, run_name: str, title: str, extra: dict | None = None
 ) -> dict:
-    """Fit, then fill `out.tmp` with the model, metrics and loss curve; move the Ray storage in.
+    """Fit, then fill the output with the model, metrics and loss curve; move the Ray storage in.
 
-    Returns the summary (final figures and output paths, plus `extra`), also written to metrics.json.
+    Works on a disk and on an object store alike. Returns the summary (final figures and output
+    paths, plus `extra`), also written to metrics.json.
     """
-    tmp, final_path = Path(out.tmp), Path(out.path)
     started = time.time()
     result = trainer.fit()
     seconds = time.time() - started
     if result.checkpoint is None:
-        raise RuntimeError(f"{storage / run_name}: the run reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
+        raise RuntimeError(f"{join(run_storage, run_name)}: the run reported no checkpoint")
+    with result.checkpoint.as_directory() as d:  # an object store's checkpoint is downloaded here
         checkpoint = Path(d)
-        shutil.copytree(checkpoint / MODEL_DIR, tmp / MODEL_DIR)
+        copy_tree(str(checkpoint / MODEL_DIR), out.file(MODEL_DIR))
         state = json.loads((checkpoint / STATE_FILE).read_text())
-        probe = load_file(str(checkpoint / PROBE_FILE))
+        model_meta = json.loads((checkpoint / MODEL_DIR / "config.json").read_text())
+        export_diff = export_check(checkpoint / MODEL_DIR, load_file(str(checkpoint / PROBE_FILE)))
     final = dict(result.metrics)
-    model_meta = json.loads((tmp / MODEL_DIR / "config.json").read_text())
+    in_storage = posixpath.relpath(result.checkpoint.path, filesystem(run_storage)[1])
     summary = {
         "output": out.path,
-        "model": str(final_path / MODEL_DIR),
-        "metrics": str(final_path / "metrics.json"),
-        "loss_curve": str(final_path / "loss_curve.png"),
-        "checkpoint": str(final_path / RAY_DIR / os.path.relpath(result.checkpoint.path, storage)),
+        "model": join(out.path, MODEL_DIR),
+        "metrics": join(out.path, "metrics.json"),
+        "loss_curve": join(out.path, "loss_curve.png"),
+        "checkpoint": join(out.path, RAY_DIR, in_storage),
         "steps": int(final["step"]),
         "loss": final["loss"],
         "val_loss": final["val_loss"],
@@ -208,21 +214,25 @@ def fit_to_output(
         **{k: final[k] for k in (*TRAIN_FIGURES, *RUN_FIGURES, "val_bpb") if k in final},
         "seconds": round(seconds, 1),
         "num_params": model_meta["num_params"],
-        "export_max_abs_diff": export_check(tmp / MODEL_DIR, probe),
+        "export_max_abs_diff": export_diff,
         "resumed_from_step": final.get("start_step", 0),
         # pipeline runs: the Ray node ids of each stage's workers, as the workers saw them
         **({"pipeline_stage_nodes": final["pipeline_stage_nodes"]} if "pipeline_stage_nodes" in final else {}),
         **(extra or {}),
     }
     history = state["history"]
-    metrics = {"summary": summary, "final": final, "history": history}
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_loss_curve(history, tmp / "loss_curve.png", title)
+    out.write_json("metrics.json", {"summary": summary, "final": final, "history": history})
+    with local_file(out.file("loss_curve.png")) as png:
+        plot_loss_curve(history, png, title)
     # The run is finished: its checkpoints move into the output; the resumable copy beside it goes.
-    shutil.move(str(storage / run_name), str(tmp / RAY_DIR / run_name))
-    shutil.rmtree(storage, ignore_errors=True)
+    if is_uri(run_storage):  # no rename on an object store: a copy (server-side), then the original goes
+        copy_tree(join(run_storage, run_name), out.file(RAY_DIR, run_name))
+        remove(run_storage)
+        return summary
+    shutil.move(join(run_storage, run_name), out.file(RAY_DIR, run_name))
+    shutil.rmtree(run_storage, ignore_errors=True)
     try:
-        storage.parent.rmdir()  # <output>.ray, when no other config's run is waiting there
+        os.rmdir(os.path.dirname(run_storage))  # <output>.ray, when no other config's run is waiting there
     except OSError:
         pass
     return summary
@@ -235,18 +245,18 @@ def stage_config(section_cfg, seed: int) -> dict:
 
 def run_train(tc: TrainConfig, ctx: RunContext) -> dict:
     """The train stage: fit `tc` on its token data, export `<train.output>/model`, return a summary."""
-    for key, location in {"train.output": tc.output, "train.init_from": tc.init_from or ""}.items():
-        require_local(location, key)
+    require_local(tc.init_from or "", "train.init_from")
+    check_writable(tc.output)
     inputs = [tc.data, *([tc.init_from] if tc.init_from else [])]  # a retrained base is a new run
     with stage_output(tc.output, "train", stage_config(tc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": out.path}
-        storage = ray_storage(tc.output, out.manifest["fingerprint"])
-        trainer = build_trainer(tc, run_name=ctx.name, storage_path=str(storage), seed=ctx.seed)
+        run_storage = ray_storage(tc.output, out.manifest["fingerprint"])
+        trainer = build_trainer(tc, run_name=ctx.name, storage_path=run_storage, seed=ctx.seed)
         m = tc.model
         title = f"{ctx.name}: preset {m.preset}, {tc.num_workers} workers, ZeRO {tc.zero_stage}, {tc.precision}"
         if tc.pipeline_stages > 1:
             title += f", {tc.pipeline_stages} pipeline stages x {tc.data_parallel_size} data-parallel"
-        summary = fit_to_output(trainer, out, storage=storage, run_name=ctx.name, title=title)
+        summary = fit_to_output(trainer, out, run_storage=run_storage, run_name=ctx.name, title=title)
         out.stats = summary
     return summary
