@@ -234,13 +234,22 @@ def stat(path: str | os.PathLike) -> FileEntry | None:
     return FileEntry(info.base_name, info.size, info.mtime_ns)
 
 
+def worker_settings() -> dict[str, str]:
+    """What a Ray worker needs of this process's environment to reach object stores as it does: the
+    credentials and endpoints, and the node cache's directory when one is set."""
+    env = storage_credentials()
+    if CACHE_ENV in os.environ:
+        env[CACHE_ENV] = os.environ[CACHE_ENV]
+    return env
+
+
 def task_env(path: str | os.PathLike) -> dict:
-    """Ray remote args for tasks that read or write `path`: on an object store, this process's credentials.
+    """Ray remote args for tasks that read or write `path`: on an object store, this process's storage settings.
 
     Workers of a cluster started elsewhere do not have the settings of the shell that runs the stage.
     """
-    credentials = storage_credentials() if is_uri(path) else {}
-    return {"runtime_env": {"env_vars": credentials}} if credentials else {}
+    settings = worker_settings() if is_uri(path) else {}
+    return {"runtime_env": {"env_vars": settings}} if settings else {}
 
 
 def check_writable(location: str | os.PathLike) -> None:
@@ -298,9 +307,10 @@ def cache_root() -> str:
     return os.environ.get(CACHE_ENV) or os.path.join(tempfile.gettempdir(), "raylm-cache")
 
 
-def local_copy(location: str | os.PathLike, version: str) -> str:
+def local_copy(location: str | os.PathLike, version: str | None = None) -> str:
     """A local directory holding the files under `location`: the location itself when it is local; for a URI,
-    a copy in this node's cache, downloaded once per node and `version` (e.g. a manifest fingerprint).
+    a copy in this node's cache, downloaded once per node and `version` (e.g. a manifest fingerprint; by
+    default the names, sizes and modification times of the files there, one listing).
 
     Processes of one node that ask at the same time wait for the one that downloads (a file lock),
     and a copy appears complete or not at all (downloaded under a temporary name, then renamed).
@@ -308,6 +318,11 @@ def local_copy(location: str | os.PathLike, version: str) -> str:
     location = str(location)
     if not is_uri(location):
         return location
+    if version is None:
+        listing = list_files(location)
+        if not listing:
+            raise InputError(f"{location}: nothing there")
+        version = hashlib.sha256("".join(f"{f.name}:{f.size}:{f.mtime_ns}\n" for f in listing).encode()).hexdigest()
     root = cache_root()
     key = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:16]
     target = os.path.join(root, key)

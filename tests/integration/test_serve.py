@@ -18,11 +18,17 @@ API_KEY = "sk-test-raylm"
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory, tiny_gpt, free_port):
-    """Two tiny models served on a free port; yields (base_url, model dirs)."""
+def served(ray_local, tmp_path_factory, tiny_gpt, free_port, s3_server):
+    """Two tiny models served on a free port, `tiny-b` from the S3 server; yields (base_url, local model dirs)."""
+    import boto3
+
+    from raylm import storage
+
     root = tmp_path_factory.mktemp("serve")
     dirs = {"tiny": tiny_gpt("tiny", block_size=64, seed=0), "tiny-b": tiny_gpt("tiny-b", block_size=32, seed=1)}
-    models = json.dumps({name: str(d) for name, d in dirs.items()})
+    boto3.client("s3").create_bucket(Bucket="serve-models")
+    storage.copy_tree(str(dirs["tiny-b"]), "s3://serve-models/tiny-b")
+    models = json.dumps({"tiny": str(dirs["tiny"]), "tiny-b": "s3://serve-models/tiny-b"})
     cfg = load_config(
         None,
         [
@@ -65,6 +71,13 @@ def test_completion_matches_local_generation(served, client):
     assert got.choices[0].finish_reason == expected["finish_reason"]
     assert got.usage.prompt_tokens == expected["prompt_tokens"]
     assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+
+
+def test_a_model_on_s3_serves_what_it_serves_from_disk(served, client):
+    _, dirs = served
+    expected = Engine(dirs["tiny-b"]).complete(CompletionJob(prompt="Now is the", max_tokens=10, temperature=0))
+    got = client.completions.create(model="tiny-b", prompt="Now is the", max_tokens=10, temperature=0)
+    assert got.choices[0].text == expected["text"] and got.usage.prompt_tokens == expected["prompt_tokens"]
 
 
 def test_seeded_sampling_repeats_and_n_choices(client):

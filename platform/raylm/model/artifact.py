@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from raylm.model.gpt import GPT, GPTConfig
 from raylm.model.layout import CONFIG, FORMAT, FORMAT_VERSION, TOKENIZER, WEIGHTS, read_model_meta  # noqa: F401 (named here too)
 from raylm.model.quantized import load_quantized
+from raylm.storage import local_copy
 
 
 @dataclass
@@ -68,7 +69,7 @@ def save_model(
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load an exported model for inference (eval mode). Reads safetensors only: nothing is unpickled."""
-    d = Path(directory)
+    d = Path(local_copy(directory))  # a model on an object store: this node's copy, downloaded once
     meta = read_model_meta(d)
     cfg = GPTConfig.from_dict(meta["model"])
     if meta.get("quantization"):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
+from raylm import storage
 from raylm.errors import InputError
 
 FORMAT = "raylm-gpt"
@@ -22,14 +22,15 @@ WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer.json
 
 
 def read_model_meta(directory: str | os.PathLike) -> dict:
-    """config.json of an exported model, or an InputError naming the directory."""
-    d = Path(directory)
+    """config.json of an exported model (a local directory or a URI), or an InputError naming the directory."""
+    d = str(directory)
+    config = storage.join(d, CONFIG)
     try:
-        meta = json.loads((d / CONFIG).read_text())
-    except FileNotFoundError:
+        meta = json.loads(storage.read_text(config))
+    except (FileNotFoundError, NotADirectoryError):
         raise InputError(f"{d}: not an exported raylm model (no {CONFIG})") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"{d / CONFIG}:{e.lineno}: invalid JSON") from None
+        raise InputError(f"{config}:{e.lineno}: invalid JSON") from None
     if meta.get("format") != FORMAT:
-        raise InputError(f"{d / CONFIG}: format {meta.get('format')!r} is not {FORMAT!r}")
+        raise InputError(f"{config}: format {meta.get('format')!r} is not {FORMAT!r}")
     return meta

@@ -19,10 +19,10 @@ engine.py (generation, no Ray), openai_api.py (request and response bodies, no R
 import math
 import re
 import sys
-from pathlib import Path
 
 from ray import serve
 
+from raylm import storage
 from raylm.errors import InputError
 from raylm.model.artifact import CONFIG, read_model_meta
 from raylm.serve.config import ServeConfig
@@ -60,7 +60,7 @@ def available_models(serve_cfg: ServeConfig) -> dict[str, str]:
     """
     found, missing = {}, []
     for name, path in serve_cfg.models.items():
-        if (Path(path) / CONFIG).exists():
+        if storage.is_file(storage.join(path, CONFIG)):
             read_model_meta(path)  # a malformed config.json fails here, naming the file
             found[name] = str(path)
         else:
@@ -77,8 +77,11 @@ def build_app(serve_cfg: ServeConfig, name: str = "raylm") -> serve.Application:
     handles, cards = {}, {}
     for model, path in available_models(serve_cfg).items():
         options = deployment_options(serve_cfg)  # fresh dicts for each deployment
+        if storage.is_uri(path) and (settings := storage.worker_settings()):
+            # A replica copies its model into its node's cache when it starts, as this process reaches the store.
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": settings}
         handles[model] = ModelServer.options(name=deployment_name(model), **options).bind(model, path, serve_cfg)
-        cards[model] = model_card(model, int((Path(path) / CONFIG).stat().st_mtime))
+        cards[model] = model_card(model, storage.stat(storage.join(path, CONFIG)).mtime_ns // 10**9)
     return OpenAIIngress.options(
         name="openai",
         num_replicas=serve_cfg.ingress_replicas,

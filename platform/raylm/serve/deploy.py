@@ -10,7 +10,9 @@ section (model paths made absolute) as the builder's args, so Serve builds the a
 cluster from the same typed config. Its `deployments` list repeats each deployment's
 replica resources and autoscaling_config: Serve lets a config file override what the code
 sets, so an operator can retune those in the file without touching raylm's config. The
-cluster's Python needs raylm installed and the model directories at the same paths.
+cluster's Python needs raylm installed, and the models where every node reaches them: on an
+object store (URIs, the usual case: each replica copies its model into its node's cache when it
+starts, with the credentials the cluster's processes have) or at the same paths on every node.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 
 from raylm.serve.app import available_models, build_app, deployment_name, deployment_options
 from raylm.serve.config import ServeConfig
+from raylm.storage import absolute
 
 IMPORT_PATH = "raylm.serve.deploy:app_builder"
 
@@ -34,7 +37,7 @@ def app_builder(args: dict):
 
 def serve_config_file(serve_cfg: ServeConfig, app_name: str) -> dict:
     """The Ray Serve config (the `serve deploy` schema) of a serve section, its app named `app_name` (the run's name)."""
-    models = {name: str(Path(path).resolve()) for name, path in serve_cfg.models.items()}
+    models = {name: absolute(path) for name, path in serve_cfg.models.items()}
     present = available_models(serve_cfg.model_copy(update={"models": models}))
     # each deployment its own copy: YAML would write shared dicts as anchors, which an operator editing one
     # deployment's resources in the file would change for all of them

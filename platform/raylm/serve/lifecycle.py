@@ -19,7 +19,6 @@ from raylm.context import RunContext
 from raylm.errors import RaylmError
 from raylm.serve.app import available_models, build_app
 from raylm.serve.config import ServeConfig
-from raylm.storage import require_local
 
 
 def start_serve(serve_cfg: ServeConfig, ctx: RunContext) -> str:
@@ -38,8 +37,6 @@ def stop_serve() -> None:
 
 def run_serve(serve_cfg: ServeConfig, ctx: RunContext) -> dict:
     """`raylm serve`: start serving, print the URL and the models, block until Ctrl-C, shut down."""
-    for name, location in serve_cfg.models.items():
-        require_local(location, f"serve.models.{name}")
     base_url, models = _start(serve_cfg, ctx)
     auth = " (Authorization: Bearer <serve.api_key>)" if serve_cfg.api_key else ""
     print(f"raylm serve: {', '.join(models)} at {base_url}/v1{auth}; Ctrl-C to stop", flush=True)

@@ -16,7 +16,7 @@ import warnings
 import torch
 from torch.utils.cpp_extension import get_default_build_root
 
-from raylm.storage import CACHE_ENV, is_uri, storage_credentials
+from raylm.storage import is_uri, worker_settings
 from raylm.train.config import TrainConfig
 
 KEEP_FREED_MEMORY_ENV = {
@@ -43,11 +43,7 @@ def worker_runtime_env(train_cfg: TrainConfig) -> dict:
     """The Ray runtime_env of the training workers: on CPU, DeepSpeed's CPU accelerator and the malloc settings
     above (a value the driver's environment already sets wins); with token data on an object store, the
     driver's storage settings (credentials, endpoint, the node cache's directory)."""
-    env = {}
-    if is_uri(train_cfg.data):
-        env.update(storage_credentials())
-        if CACHE_ENV in os.environ:
-            env[CACHE_ENV] = os.environ[CACHE_ENV]
+    env = worker_settings() if is_uri(train_cfg.data) else {}
     if not train_cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         if train_cfg.keep_freed_memory:
