@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import ray
 from rich.console import Console
 
+from raylm import storage
 from raylm.config import RaylmConfig
 from raylm.serve.lifecycle import start_serve, stop_serve
 from raylm.stages import STAGES, connect, run_stage
@@ -56,9 +56,9 @@ def run_demo(cfg: RaylmConfig, address: str | None = None, keep_serving: bool = 
     console.rule("[bold]raylm demo: results")
     for stage, out in outputs.items():
         print(f"  {stage:<9} {out}")
-    table = Path(outputs["evaluate"]) / "table.txt"
-    if table.exists():
-        print(table.read_text().rstrip())  # plain print: rich would re-wrap the fixed-width table
+    table = storage.join(outputs["evaluate"], "table.txt")
+    if storage.is_file(table):
+        print(storage.read_text(table).rstrip())  # plain print: rich would re-wrap the fixed-width table
     text = completion["choices"][0]["text"]
     print(f"POST {base_url}/v1/completions model={model} prompt={DEMO_PROMPT!r}")
     print(f"completion: {DEMO_PROMPT + text!r}")

@@ -24,6 +24,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import pyarrow as pa
@@ -157,6 +158,22 @@ def local_file(path: str | os.PathLike) -> Iterator[str]:
         yield local
         with open(local, "rb") as src, open_output(path) as dst:
             shutil.copyfileobj(src, dst, UPLOAD_CHUNK)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextmanager
+def local_dir(location: str | os.PathLike) -> Iterator[Path]:
+    """A local directory for code that writes files by path: `location` itself on a disk; for a URI, a temporary
+    directory whose files are uploaded under `location` when the block ends without an error."""
+    if not is_uri(location):
+        os.makedirs(location, exist_ok=True)
+        yield Path(location)
+        return
+    directory = tempfile.mkdtemp(prefix="raylm-upload-")
+    try:
+        yield Path(directory)
+        copy_tree(directory, location)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -52,3 +53,31 @@ def test_demo_runs_every_stage_and_serves_a_completion(repo_root, tmp_path, free
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads(again.stdout[again.stdout.index("{"):])["reused"] is True
+
+
+@pytest.mark.slow
+def test_demo_on_s3_writes_every_artifact_there_and_nothing_on_the_local_disk(repo_root, tmp_path, free_port, s3_bucket):
+    """run.workdir on the S3 server: every stage's output there, committed by its manifest; a served completion; on
+    the local disk only the node cache (the working directory and the run's paths stay empty)."""
+    from raylm import storage
+
+    workdir = f"{s3_bucket}/smoke"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, storage.CACHE_ENV: str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "raylm.cli", "demo", "--config", str(repo_root / "configs/smoke.yaml"),
+           f"--run.workdir={workdir}", f"--serve.port={free_port()}"]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for stage in PIPELINE:
+        out = f"{workdir}/" + ("prepared" if stage == "prepare" else "tokens" if stage == "tokenize" else stage)
+        manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
+        assert manifest["stage"] == stage and manifest["config"]
+        assert not storage.exists(f"{out}/_raylm_writing.json")
+    for model in ("train/model", "distill/model", "quantize/model"):
+        assert storage.is_file(f"{workdir}/{model}/model.safetensors")
+    tail = r.stdout.strip().splitlines()[-12:]
+    assert any(line.startswith("completion: ") for line in tail) and tail[-1].startswith("demo finished in")
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "cwd"]

@@ -15,7 +15,6 @@ teacher's. The student takes the teacher's vocabulary and block size.
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import TOKENIZER, load_model, read_model_meta
 from raylm.model.config import GPTConfig
-from raylm.storage import require_local
+from raylm.storage import check_writable, join
 from raylm.tokenize.shards import check_same_tokenizer, read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer, fit_to_output, ray_storage, stage_config
@@ -114,7 +113,7 @@ def student_model_config(dc: DistillConfig, teacher: GPTConfig) -> GPTConfig:
 
 def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
     meta = read_token_meta(dc.data)
-    check_same_tokenizer(meta, Path(dc.teacher) / TOKENIZER, "the teacher")
+    check_same_tokenizer(meta, join(dc.teacher, TOKENIZER), "the teacher")
     if teacher.vocab_size < meta.vocab_size:
         raise InputError(
             f"{dc.teacher}: teacher vocab_size {teacher.vocab_size} < the token data's {meta.vocab_size} ({dc.data})"
@@ -127,8 +126,7 @@ def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
 
 def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
     """The distill stage: train `dc.student` against `dc.teacher`; export `<distill.output>/model`."""
-    for key, location in {"distill.teacher": dc.teacher, "distill.data": dc.data, "distill.output": dc.output}.items():
-        require_local(location, key)
+    check_writable(dc.output)
     teacher_meta = read_model_meta(dc.teacher)
     if teacher_meta.get("quantization"):
         raise InputError(f"{dc.teacher}: a quantized model cannot teach; point distill.teacher at a float model")
@@ -152,6 +150,7 @@ def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
             loss_hook=DistillationLoss(teacher_dir, dc.temperature, dc.alpha),
             export_extra={"distilled_from": teacher_dir, "temperature": dc.temperature, "alpha": dc.alpha},
             section="distill",
+            reads=[teacher_dir],
         )
         title = f"{run_name}: student {dc.student.preset} from teacher {teacher.n_layer}x{teacher.d_model}"
         extra = {"teacher": dc.teacher, "teacher_params": teacher_meta.get("num_params")}

@@ -24,17 +24,17 @@ from raylm.context import RunContext
 from raylm.errors import InputError, RaylmError
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
 from raylm.model.quantized import count_parameters, quantize_gpt, save_quantized
-from raylm.storage import require_local
+from raylm.storage import check_writable, is_file, join, local_dir
 
 PROBE_TOKENS = 64  # tokens per row of the random batch comparing float and int8 logits
 
 
 def check_source(path: str | os.PathLike) -> dict:
     """config.json of the float model to quantize, or an InputError naming what is wrong with it."""
-    d = Path(require_path(path, "model to quantize (quantize.input)"))
+    d = require_path(path, "model to quantize (quantize.input)")
     meta = read_model_meta(d)
     for name in (WEIGHTS, TOKENIZER):
-        if not (d / name).is_file():
+        if not is_file(join(d, name)):
             raise InputError(f"{d}: not an exported raylm model (no {name})")
     if meta.get("quantization"):
         method = meta["quantization"].get("method") if isinstance(meta["quantization"], dict) else meta["quantization"]
@@ -57,14 +57,14 @@ def compare_logits(reference: torch.nn.Module, other: torch.nn.Module, vocab_siz
 
 def run_quantize(qcfg: QuantizeConfig, ctx: RunContext) -> dict:
     """The quantize stage: `qcfg.input` to int8, written to `qcfg.output/model`; returns a summary."""
-    require_local(qcfg.input, "quantize.input")
-    require_local(qcfg.output, "quantize.output")
     check_source(qcfg.input)
+    check_writable(qcfg.output)
     with stage_output(qcfg.output, "quantize", qcfg, inputs=[qcfg.input], overwrite=ctx.overwrite) as out:
         if not out.done:
-            out.stats = _quantize(qcfg.input, Path(out.tmp) / "model", tied_embedding=qcfg.tied_embedding, seed=ctx.seed)
+            with local_dir(out.file("model")) as target:  # on an object store: written locally, then uploaded
+                out.stats = _quantize(qcfg.input, target, tied_embedding=qcfg.tied_embedding, seed=ctx.seed)
     stats = out.manifest.get("stats") or out.stats
-    return {"output": out.path, "model": str(Path(out.path) / "model"), **stats}
+    return {"output": out.path, "model": join(out.path, "model"), **stats}
 
 
 def _quantize(source: str | os.PathLike, target: Path, *, tied_embedding: str, seed: int) -> dict:
@@ -75,7 +75,7 @@ def _quantize(source: str | os.PathLike, target: Path, *, tied_embedding: str, s
     c = loaded.config
     if compare_logits(qmodel, reloaded, c.vocab_size, c.block_size, seed)["max_abs_logit_diff"] != 0.0:
         raise RaylmError(f"{target}: the reloaded int8 model does not reproduce the quantized model's logits")
-    before = (Path(source) / WEIGHTS).stat().st_size
+    before = (loaded.path / WEIGHTS).stat().st_size
     after = (target / WEIGHTS).stat().st_size
     return {
         "method": "int8_dynamic",

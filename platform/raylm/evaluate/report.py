@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -29,12 +28,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from raylm import storage
 from raylm.artifacts import stage_output
 from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError, RaylmError
 from raylm.evaluate.config import EvaluateConfig
 from raylm.evaluate.perplexity import perplexity_metrics, sum_cross_entropy
-from raylm.storage import require_local
 from raylm.train.metrics import target_bytes
 from raylm.evaluate.speed import decode_speed
 from raylm.model.artifact import TOKENIZER, WEIGHTS, load_model, read_model_meta
@@ -52,11 +51,11 @@ def check_inputs(ecfg: EvaluateConfig) -> TokenMeta:
         raise InputError(f"{meta.split_dir('validation')}: no validation sequences to score")
     speed_tokens = ecfg.speed_prompt_tokens + ecfg.speed_new_tokens
     for name, path in ecfg.models.items():
-        p = Path(path)
-        if not p.exists():
+        p = str(path)
+        if not storage.exists(p):
             raise InputError(f"{p}: model {name!r} (evaluate.models.{name}) not found")
         cfg = GPTConfig.from_dict(read_model_meta(p)["model"])
-        if not (p / WEIGHTS).is_file():
+        if not storage.is_file(storage.join(p, WEIGHTS)):
             raise InputError(f"{p}: model {name!r} has no {WEIGHTS}")
         if cfg.attention != "causal":
             raise InputError(
@@ -65,7 +64,7 @@ def check_inputs(ecfg: EvaluateConfig) -> TokenMeta:
             )
         if meta.seq_len > cfg.block_size:
             raise InputError(f"{p}: model {name!r} attends over {cfg.block_size} tokens, the data's sequences have {meta.seq_len}")
-        check_same_tokenizer(meta, p / TOKENIZER, f"model {name!r}")
+        check_same_tokenizer(meta, storage.join(p, TOKENIZER), f"model {name!r}")
         if speed_tokens > cfg.block_size:
             raise ConfigError(
                 f"evaluate.speed_prompt_tokens + evaluate.speed_new_tokens = {speed_tokens} exceeds "
@@ -95,7 +94,7 @@ def evaluate_model(name: str, path: str, ecfg: EvaluateConfig) -> dict:
     speed = decode_speed(
         model, speed_prompt(sequences, ecfg.speed_prompt_tokens), ecfg.speed_new_tokens, ecfg.speed_repeats, device
     )
-    size = (Path(path) / WEIGHTS).stat().st_size
+    size = (loaded.path / WEIGHTS).stat().st_size
     return {
         "name": name,
         "path": str(path),
@@ -168,9 +167,7 @@ def _caption(ecfg: EvaluateConfig, rows: list[dict]) -> str:
 
 def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
     """The evaluate stage: score every model of `ecfg.models`; write results.json and table.txt; return a summary."""
-    for key, location in {"evaluate.data": ecfg.data, "evaluate.output": ecfg.output,
-                          **{f"evaluate.models.{k}": v for k, v in ecfg.models.items()}}.items():  # fmt: skip
-        require_local(location, key)
+    storage.check_writable(ecfg.output)
     if not ecfg.models:
         raise ConfigError("evaluate.models: no models to evaluate")
     check_inputs(ecfg)
@@ -181,8 +178,8 @@ def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
     inputs = [ecfg.data, *ecfg.models.values()]
     with stage_output(ecfg.output, "evaluate", ecfg, inputs=inputs, overwrite=ctx.overwrite) as out:
         if out.done:
-            console.print((Path(out.path) / TABLE).read_text().rstrip(), markup=False, highlight=False)
-            return _summary(Path(out.path), out.manifest.get("stats", {}))
+            console.print(storage.read_text(storage.join(out.path, TABLE)).rstrip(), markup=False, highlight=False)
+            return _summary(out.path, out.manifest.get("stats", {}))
         rows = add_relative([_run_task(name, path, ecfg, console) for name, path in ecfg.models.items()])
         caption = _caption(ecfg, rows)
         table = results_table(rows)
@@ -194,17 +191,18 @@ def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
     wide = Console(width=max(console.width, 120))  # a narrow terminal would squeeze the columns into stubs
     wide.print(table)
     wide.print(caption, highlight=False)
-    return _summary(Path(out.path), out.stats)
+    return _summary(out.path, out.stats)
 
 
-def _summary(path: Path, stats: dict) -> dict:
-    return {"output": str(path), "results": str(path / RESULTS), "table": str(path / TABLE), **stats}
+def _summary(path: str, stats: dict) -> dict:
+    return {"output": path, "results": storage.join(path, RESULTS), "table": storage.join(path, TABLE), **stats}
 
 
 def _run_task(name: str, path: str, ecfg: EvaluateConfig, console: Console) -> dict:
     """One model's row from a Ray task; waits for it, so the next model is timed on idle cores."""
     gpus = 1 if ecfg.device == "cuda" and not read_model_meta(path).get("quantization") else 0
-    task = ray.remote(evaluate_model).options(num_cpus=ecfg.num_threads, num_gpus=gpus, name=f"evaluate:{name}")
+    remote = storage.task_env(ecfg.data if storage.is_uri(ecfg.data) else path)  # the storage settings, for URIs
+    task = ray.remote(evaluate_model).options(num_cpus=ecfg.num_threads, num_gpus=gpus, name=f"evaluate:{name}", **remote)
     with console.status(f"evaluating {name} ({path})"):
         try:
             row = ray.get(task.remote(name, os.fspath(path), ecfg))

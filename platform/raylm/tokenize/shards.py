@@ -70,10 +70,10 @@ def vocab_hash(tokenizer_json: str) -> str:
 
 
 def file_vocab_hash(path: str | os.PathLike) -> str:
-    """vocab_hash of a tokenizer.json file, or an InputError naming the file."""
-    p = Path(path)
+    """vocab_hash of a tokenizer.json file (a local path or a URI), or an InputError naming the file."""
+    p = str(path)
     try:
-        return vocab_hash(p.read_text())
+        return vocab_hash(storage.read_text(p))
     except FileNotFoundError:
         raise InputError(f"{p}: tokenizer file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -26,8 +26,6 @@ actor start-up included).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -84,15 +82,8 @@ def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
     with stage_output(tc.output, "tokenize", tc, inputs=[tc.input, *extra_inputs], overwrite=ctx.overwrite) as out:
         if out.done:
             return _summary(out.path, out.manifest.get("stats", {}), reused=True)
-        if not storage.is_uri(out.tmp):
-            out.stats = _tokenize(tc, inputs, num_docs, Path(out.tmp))
-        else:  # packed into a local directory, then uploaded
-            staging = Path(tempfile.mkdtemp(prefix="raylm-tokenize-"))
-            try:
-                out.stats = _tokenize(tc, inputs, num_docs, staging)
-                storage.copy_tree(str(staging), out.tmp)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+        with storage.local_dir(out.tmp) as local:  # on an object store: packed locally, then uploaded
+            out.stats = _tokenize(tc, inputs, num_docs, local)
     return _summary(out.path, out.stats, reused=False)
 
 

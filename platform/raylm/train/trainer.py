@@ -103,6 +103,7 @@ def build_trainer(
     loss_hook: LossHook | None = None,
     export_extra: dict | None = None,
     section: str = "train",
+    reads: list[str] = (),
 ):
     """A TorchTrainer training `train_cfg` with DeepSpeed; `fit()` it to run.
 
@@ -115,6 +116,7 @@ def build_trainer(
     loss_hook: the training loss (default: cross-entropy); distillation passes its own.
     export_extra: extra keys for the exported model's config.json.
     section: config section named in errors ("train", "distill").
+    reads: other locations the workers read (a distillation teacher), for their storage settings.
     """
     meta = read_token_meta(train_cfg.data)
     # workers run in other directories: they get the absolute path
@@ -167,7 +169,7 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
             callbacks=list(callbacks),
-            worker_runtime_env=worker_runtime_env(train_cfg),
+            worker_runtime_env=worker_runtime_env(train_cfg, reads),
         ),
     )
 

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import warnings
+from typing import Sequence
 
 import torch
 from torch.utils.cpp_extension import get_default_build_root
@@ -39,11 +40,12 @@ memory 620 -> 910-950 MiB. raylm's worker: 5,000-5,500 -> 5,600-5,900 (without t
 """
 
 
-def worker_runtime_env(train_cfg: TrainConfig) -> dict:
+def worker_runtime_env(train_cfg: TrainConfig, reads: Sequence[str] = ()) -> dict:
     """The Ray runtime_env of the training workers: on CPU, DeepSpeed's CPU accelerator and the malloc settings
-    above (a value the driver's environment already sets wins); with token data on an object store, the
-    driver's storage settings (credentials, endpoint, the node cache's directory)."""
-    env = worker_settings() if is_uri(train_cfg.data) else {}
+    above (a value the driver's environment already sets wins); when the token data or another location the
+    workers read (`reads`: a teacher model) is on an object store, the driver's storage settings (credentials,
+    endpoint, the node cache's directory)."""
+    env = worker_settings() if any(is_uri(x) for x in (train_cfg.data, *reads)) else {}
     if not train_cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         if train_cfg.keep_freed_memory:

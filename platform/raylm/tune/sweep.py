@@ -37,10 +37,10 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 from rich.table import Table
 
+from raylm import storage
 from raylm.artifacts import stage_output
 from raylm.context import RunContext
 from raylm.errors import ConfigError, RaylmError
-from raylm.storage import require_local
 from raylm.tokenize.shards import read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer
@@ -96,8 +96,10 @@ def _trial_driver(params: dict, *, train: TrainConfig, tune_cfg: TuneConfig, see
     # Train controller and its placement-group cleaner: when ASHA stops this trial, its actor dies,
     # and the cleaner (a detached actor using the state API) must reach *this* cluster to release
     # the workers' CPUs. Without the address it may pick another Ray on the machine and leak them.
+    # It also carries the storage settings when the data or the trials' storage is on an object store.
+    settings = storage.worker_settings() if any(storage.is_uri(x) for x in (train.data, storage_path)) else {}
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit_trial).options(
-        runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}}
+        runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **settings}}
     )
     ray.get(fit.remote(train_cfg, run_name, storage_path, seed, TuneReportCallback()))
 
@@ -120,11 +122,14 @@ def _scheduler(tune_cfg: TuneConfig):
     )
 
 
-def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: Path, name: str):
+def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: str, name: str):
     """Run the sweep with Ray Tune; returns its ResultGrid."""
     driver = tune.with_parameters(
-        _trial_driver, train=train, tune_cfg=tune_cfg, seed=seed, storage_path=str(root / TRIALS_DIR)
+        _trial_driver, train=train, tune_cfg=tune_cfg, seed=seed, storage_path=storage.join(root, TRIALS_DIR)
     )
+    experiment = storage.join(root, TUNE_DIR)
+    # On an object store, with a client that carries this process's settings to Tune's processes.
+    fs, experiment_path = storage.filesystem(experiment) if storage.is_uri(experiment) else (None, experiment)
     tuner = tune.Tuner(
         tune.with_resources(driver, {"CPU": TRIAL_DRIVER_CPUS}),
         param_space=to_tune_space(tune_cfg.search_space),
@@ -141,7 +146,8 @@ def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: Path,
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
-            storage_path=str(root / TUNE_DIR),
+            storage_path=experiment_path,
+            storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
@@ -178,7 +184,7 @@ def _finite(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _record(result, tune_cfg: TuneConfig, root: Path) -> TrialRecord:
+def _record(result, tune_cfg: TuneConfig, root: str) -> TrialRecord:
     """A leaderboard record from one Tune Result of a sweep written under `root`."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name.removeprefix("trial-")
@@ -199,7 +205,8 @@ def _record(result, tune_cfg: TuneConfig, root: Path) -> TrialRecord:
         record.seconds = _finite(metrics.get("time_total_s"))
         checkpoint = metrics.get("checkpoint_path")
         if checkpoint and record.steps >= tune_cfg.max_steps_per_trial:
-            record.checkpoint = os.path.relpath(checkpoint, root) if checkpoint.startswith(str(root)) else checkpoint
+            inside = storage.filesystem(root)[1]  # Ray Train names checkpoints by their path in the store
+            record.checkpoint = os.path.relpath(checkpoint, inside) if checkpoint.startswith(inside) else checkpoint
     record.stopped_early = record.status == "ok" and record.steps < tune_cfg.max_steps_per_trial
     return record
 
@@ -319,9 +326,8 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
 
     Returns a summary: output, best trial, its params and val_loss, trial counts, paths of the files.
     """
-    for key, location in {"train.data": job.train.data, "tune.output": job.tune.output}.items():
-        require_local(location, key)
     tune_cfg, train = job.tune, job.train
+    storage.check_writable(tune_cfg.output)
     check_search_space(tune_cfg, train)
     if tune_cfg.grace_period >= max_reports_per_trial(tune_cfg):
         raise ConfigError(
@@ -333,7 +339,7 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
     with stage_output(tune_cfg.output, "tune", stage_config(job, ctx.seed), [train.data], ctx.overwrite) as out:
         if out.done:
             return {**out.manifest.get("stats", {}), "output": out.path}
-        root, final = Path(out.tmp), Path(out.path)
+        root = out.tmp
         started = time.time()
         pgs_before = set(ray.util.placement_group_table())
         grid = _run_trials(train, tune_cfg, ctx.seed, root, ctx.name)
@@ -344,11 +350,12 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
             first = next((r.error for r in records if r.error), "no trial reported a validation loss")
             raise RaylmError(f"tune: none of {len(records)} trials finished a validation pass; first error: {first}")
 
-        write_leaderboard(records, tune_cfg, root)
         stopped = sum(r.stopped_early for r in records)
         title = f"{ctx.name}: {len(records)} trials, {stopped} stopped early by ASHA"
-        plot_sweep(records, root / "sweep.png", title)
-        write_best_config(ctx.config_yaml, train, best, root / "best_config.yaml")
+        with storage.local_dir(root) as local:  # on an object store: written locally, then uploaded
+            write_leaderboard(records, tune_cfg, local)
+            plot_sweep(records, local / "sweep.png", title)
+            write_best_config(ctx.config_yaml, train, best, local / "best_config.yaml")
         _print_leaderboard(records, tune_cfg)
         summary = {
             "output": out.path,
@@ -356,14 +363,14 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
             "best_params": best.params,
             "best_val_loss": best.final_val_loss,
             "best_val_ppl": best.final_val_ppl,
-            "best_checkpoint": best.checkpoint and str(final / best.checkpoint),
+            "best_checkpoint": best.checkpoint and storage.join(out.path, best.checkpoint),
             "num_trials": len(records),
             "num_stopped_early": stopped,
             "num_errors": sum(r.status == "error" for r in records),
             "seconds": round(time.time() - started, 1),
-            "leaderboard": str(final / "leaderboard.csv"),
-            "best_config": str(final / "best_config.yaml"),
-            "sweep_plot": str(final / "sweep.png"),
+            "leaderboard": storage.join(out.path, "leaderboard.csv"),
+            "best_config": storage.join(out.path, "best_config.yaml"),
+            "sweep_plot": storage.join(out.path, "sweep.png"),
         }
         out.stats = summary
     return summary
