@@ -44,6 +44,8 @@ class RunSection(ConfigSection):
     seed: int = 0
     overwrite: bool = False
     """Replace a stage output written from a different config instead of failing."""
+    shared_filesystem: bool = False
+    """A local workdir is on a filesystem every node of the cluster mounts (NFS): use it on a multi-machine cluster."""
 
 
 class RaySection(ConfigSection):
@@ -81,6 +83,7 @@ class RaylmConfig(ConfigSection):
             seed=self.run.seed,
             workdir=self.run.workdir,
             overwrite=self.run.overwrite,
+            shared_filesystem=self.run.shared_filesystem,
             ray_address=address or self.ray.address,
             ray_num_cpus=self.ray.num_cpus,
             config_yaml=self.resolved_yaml(),

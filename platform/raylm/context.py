@@ -23,6 +23,8 @@ class RunContext:
     """The run's storage root (run.workdir): a local or NFS path, or an object-store URI."""
     overwrite: bool = False
     """Replace a stage output written from a different config instead of failing."""
+    shared_filesystem: bool = False
+    """A local workdir that every node mounts (NFS): allowed on a cluster with nodes on other machines."""
     ray_address: str | None = None
     """Ray cluster to connect to; None: RAY_ADDRESS if set, else a local Ray started for the run."""
     ray_num_cpus: int | None = None

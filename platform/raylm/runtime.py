@@ -56,6 +56,15 @@ LOCAL_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_LOG_MONIT
 """
 
 
+def nodes_elsewhere() -> list[str]:
+    """The addresses of the connected cluster's alive nodes that are not on this machine, sorted."""
+    import psutil  # a dependency of Ray's
+    import ray
+
+    here = {a.address for addresses in psutil.net_if_addrs().values() for a in addresses}
+    return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} - here)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address` (or RAY_ADDRESS); without either, start a local Ray in this process.
 

@@ -19,7 +19,9 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from raylm.runtime import init_ray
+from raylm.errors import ConfigError
+from raylm.runtime import init_ray, nodes_elsewhere
+from raylm.storage import is_uri
 
 if TYPE_CHECKING:  # for annotations only: this module is imported by `raylm --help`, which loads no config
     from raylm.config import RaylmConfig
@@ -70,8 +72,22 @@ STAGES: dict[str, Stage] = {
 
 
 def connect(ctx: RunContext) -> None:
-    """Connect this process to the run's Ray cluster (ctx.ray_address, RAY_ADDRESS, or a new local Ray)."""
+    """Connect this process to the run's Ray cluster (ctx.ray_address, RAY_ADDRESS, or a new local Ray).
+
+    A local run.workdir on a cluster with nodes on other machines is refused here, before any task runs: those
+    nodes cannot read or write it (unless every node mounts it, run.shared_filesystem).
+    """
     init_ray(ctx.ray_address, ctx.ray_num_cpus)
+    if is_uri(ctx.workdir) or ctx.shared_filesystem:
+        return
+    elsewhere = nodes_elsewhere()
+    if elsewhere:
+        shown = ", ".join(elsewhere[:3]) + (f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
+        raise ConfigError(
+            f"run.workdir: {ctx.workdir} is on this machine's disk, but the Ray cluster has nodes on other machines "
+            f"({shown}); use an object store (run.workdir=s3://<bucket>/<run>) or, for a path every node mounts "
+            "(NFS), set run.shared_filesystem=true"
+        )
 
 
 def run_stage(name: str, cfg: RaylmConfig, ctx: RunContext | None = None) -> dict:

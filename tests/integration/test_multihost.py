@@ -108,12 +108,17 @@ def run(tmp_path_factory):
         env = {**os.environ, **cluster.env}
         client = subprocess.run([sys.executable, "-c", CLIENT, str(storage), cluster.jobs_address], env=env,
                                 capture_output=True, text=True, timeout=600)
+        # A stage with a local workdir on this cluster, whose nodes are other hosts: refused before any task runs.
+        local_workdir = subprocess.run([sys.executable, "-m", "raylm.cli", "prepare", f"--run.workdir={storage / 'run'}"],
+                                       env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
         t1 = time.time()
     down_s = time.time() - t1
     print(f"multihost cluster: up {up_s:.1f} s, down {down_s:.1f} s")
     lines = [line for line in client.stdout.splitlines() if line.startswith("RESULT ")]
     assert client.returncode == 0 and lines, client.stdout[-3000:] + client.stderr[-5000:]
-    return {**live, "result": json.loads(lines[-1][len("RESULT "):])}
+    refused = {"rc": local_workdir.returncode, "lines": [l for l in local_workdir.stderr.splitlines() if l.startswith("raylm ")],
+               "written": (storage / "run").exists()}  # fmt: skip
+    return {**live, "result": json.loads(lines[-1][len("RESULT "):]), "local_workdir": refused}
 
 
 @pytest.mark.slow
@@ -147,6 +152,18 @@ def test_a_ray_job_through_the_jobs_api_sees_all_hosts(run):
     job = run["result"]["job"]
     assert job["status"] == "SUCCEEDED", job["logs"][-2000:]
     assert "JOB 3" in job["logs"]
+
+
+@pytest.mark.slow
+def test_a_local_workdir_on_hosts_of_other_machines_is_one_line(run):
+    refused = run["local_workdir"]
+    assert refused["rc"] == 2 and not refused["written"]  # a config error
+    assert len(refused["lines"]) == 1, refused["lines"]
+    line = refused["lines"][0]
+    assert line.startswith("raylm prepare: error: run.workdir: ") and "nodes on other machines" in line
+    listed = line.split("nodes on other machines (")[1].split(")")[0].split(", ")
+    assert sorted(listed) == sorted(run["worker_ips"])  # the worker hosts; the head is this machine
+    assert "run.workdir=s3://" in line and "run.shared_filesystem=true" in line
 
 
 @pytest.mark.slow
