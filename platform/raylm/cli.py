@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the cluster's Jobs API address, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS)",
     )
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without following logs")
+    p.add_argument("--pip", action="store_true",
+                   help="install raylm's requirements (pinned to the versions here) on the cluster through the job's "
+                        "runtime_env, for a cluster whose image lacks them")  # fmt: skip
+    p.add_argument("--forward-storage-credentials", action="store_true",
+                   help="send this shell's AWS_*/GOOGLE_*/AZURE_* settings with the job (default: the cluster's own)")
     p = sub.add_parser(
         "cluster",
         help="start, list or stop a multi-host Ray cluster on this machine (one network namespace per host)",
@@ -124,7 +129,8 @@ def _run_submit(args: argparse.Namespace, overrides: list[str]) -> int:
 
     config = _config_path(args.config)
     _load(args, overrides)  # fail here, not on the cluster, when the config is invalid
-    return submit_stage(args.stage, config, overrides, address=args.address, wait=not args.no_wait)
+    return submit_stage(args.stage, config, overrides, address=args.address, wait=not args.no_wait, pip=args.pip,
+                        forward_storage_credentials=args.forward_storage_credentials)  # fmt: skip
 
 
 def _run_cluster(args: argparse.Namespace) -> int:

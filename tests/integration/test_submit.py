@@ -78,6 +78,35 @@ def test_submit_prepare_runs_on_the_cluster(ray_head, repo_root, tmp_path):
     assert any(str(j.status.value) == "SUCCEEDED" and "jobs/prepare.py" in j.entrypoint for j in jobs)
 
 
+def test_submit_prepare_with_the_workdir_on_s3(ray_head, repo_root, tmp_path, s3_bucket):
+    """The job writes its output to the object store, with this shell's storage settings sent along."""
+    from raylm import storage
+
+    r = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "submit", "prepare", "--config", "configs/demo.yaml",
+         "--address", ray_head, f"--run.workdir={s3_bucket}/run", "--forward-storage-credentials"],
+        cwd=repo_root, capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads(storage.read_text(f"{s3_bucket}/run/prepared/manifest.json"))["stage"] == "prepare"
+    assert [f.name for f in storage.list_files(f"{s3_bucket}/run/prepared/train")] == ["part-00000.parquet"]
+
+
+def test_the_job_runtime_env_ships_pinned_requirements_only_when_asked(repo_root, monkeypatch):
+    from importlib.metadata import version
+
+    from raylm.cluster.submit import job_runtime_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    plain = job_runtime_env(repo_root)
+    assert set(plain) == {"working_dir", "py_modules", "excludes"}  # the image has the requirements; no secrets
+    full = job_runtime_env(repo_root, pip=True, forward_storage_credentials=True)
+    pins = full["pip"]["packages"]
+    assert f"torch=={version('torch').split('+')[0]}" in pins and f"deepspeed=={version('deepspeed')}" in pins
+    assert not any(p.lower().startswith("ray==") for p in pins)  # the cluster's own Ray stays
+    assert full["env_vars"]["AWS_ACCESS_KEY_ID"] == "key-id"
+
+
 def test_submit_failing_stage_exits_nonzero(ray_head, repo_root, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "raylm.cli", "submit", "prepare", "--config", "configs/demo.yaml",
