@@ -139,7 +139,8 @@ def _run_cluster(args: argparse.Namespace) -> int:
     if args.cluster_command == "up":
         c = multihost.up(args.workers, args.cpus_per_node, head_cpus=args.head_cpus, subnet=args.subnet)
         print(f"cluster {c.name}: head {c.head_ip}, worker hosts {', '.join(c.worker_ips)}")
-        print(f"  Jobs API: raylm submit train --config configs/demo.yaml --address {c.jobs_address}")
+        print(f"  Jobs API: raylm submit train --config configs/demo.yaml --address {c.jobs_address}"
+              " --run.shared_filesystem=true")
         print(f"  clients:  {' '.join(f'export {k}={v};' for k, v in c.env.items())}")
         print(f"  stop:     raylm cluster down {c.name}")
         return 0
