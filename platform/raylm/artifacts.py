@@ -74,12 +74,7 @@ def fingerprint_inputs(paths: list[str]) -> dict[str, str]:
         if manifest is not None:
             prints[p] = manifest["fingerprint"]
             continue
-        h = hashlib.sha256()
-        entry = storage.stat(p)
-        entries = [entry] if entry is not None else storage.list_files(p)
-        for f in entries:
-            h.update(f"{f.name}:{f.size}:{f.mtime_ns}\n".encode())
-        prints[p] = h.hexdigest()
+        prints[p] = storage.listing_version(p)
     return prints
 
 

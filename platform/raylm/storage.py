@@ -260,13 +260,38 @@ def worker_settings() -> dict[str, str]:
     return env
 
 
-def task_env(path: str | os.PathLike) -> dict:
-    """Ray remote args for tasks that read or write `path`: on an object store, this process's storage settings.
+def settings_for(*locations: str | os.PathLike) -> dict[str, str]:
+    """`worker_settings()` when one of `locations` is on an object store, else nothing: what the Ray workers that
+    read or write those locations need in their environment."""
+    return worker_settings() if any(is_uri(x) for x in locations) else {}
+
+
+def task_env(*locations: str | os.PathLike) -> dict:
+    """Ray remote args for tasks that read or write `locations`: on an object store, this process's storage settings.
 
     Workers of a cluster started elsewhere do not have the settings of the shell that runs the stage.
     """
-    settings = worker_settings() if is_uri(path) else {}
+    settings = settings_for(*locations)
     return {"runtime_env": {"env_vars": settings}} if settings else {}
+
+
+def run_config_storage(location: str | os.PathLike) -> dict:
+    """`storage_path` (and `storage_filesystem`) for Ray Train's and Ray Tune's RunConfig.
+
+    On an object store: the path inside it, with the client of `filesystem()`, which carries this process's
+    settings to Ray's controller and workers (a client Ray makes from the URI reads their environment instead).
+    """
+    if not is_uri(location):
+        return {"storage_path": str(location)}
+    fs, inner = filesystem(location)
+    return {"storage_path": inner, "storage_filesystem": fs}
+
+
+def listing_version(location: str | os.PathLike) -> str:
+    """A hash of the name, size and modification time of the file at `location`, or of every file under it."""
+    entry = stat(location)
+    entries = [entry] if entry is not None else list_files(location)
+    return hashlib.sha256("".join(f"{f.name}:{f.size}:{f.mtime_ns}\n" for f in entries).encode()).hexdigest()
 
 
 def check_writable(location: str | os.PathLike) -> None:
@@ -308,10 +333,10 @@ def _store_error(e: OSError) -> str:
 
 
 def require_local(location: str | os.PathLike, key: str) -> None:
-    """A ConfigError naming `key` when a stage that works on local (or NFS) paths only is given a URI."""
+    """A ConfigError naming `key` when a path that must be local (or NFS) so far is given a URI."""
     if is_uri(location):
-        raise ConfigError(f"{key}: {location}: this stage reads and writes local or NFS paths only so far "
-                          "(object storage works for prepare); use a local or NFS run.workdir")  # fmt: skip
+        raise ConfigError(f"{key}: {location}: this path must be local or on NFS so far (object storage is not "
+                          "supported for it yet)")  # fmt: skip
 
 
 CACHE_ENV = "RAYLM_CACHE_DIR"
@@ -336,10 +361,9 @@ def local_copy(location: str | os.PathLike, version: str | None = None) -> str:
     if not is_uri(location):
         return location
     if version is None:
-        listing = list_files(location)
-        if not listing:
+        if not exists(location):
             raise InputError(f"{location}: nothing there")
-        version = hashlib.sha256("".join(f"{f.name}:{f.size}:{f.mtime_ns}\n" for f in listing).encode()).hexdigest()
+        version = listing_version(location)
     root = cache_root()
     key = hashlib.sha256(f"{location}\n{version}".encode()).hexdigest()[:16]
     target = os.path.join(root, key)

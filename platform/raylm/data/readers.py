@@ -35,7 +35,7 @@ from ray.data.exceptions import UserCodeException
 from raylm.data.config import PrepareConfig
 from raylm.data.sources import InputFile
 from raylm.errors import InputError, first_line
-from raylm.storage import filesystem, is_uri, storage_credentials
+from raylm.storage import filesystem, is_uri, task_env
 
 MAX_EXCERPT = 64 * 1024
 """Characters of a bad record kept in the quarantine."""
@@ -324,11 +324,10 @@ def read_shards_batch(batch: dict[str, Any], *, text_field: str, id_field: str |
 def read_documents(files: list[InputFile], cfg: PrepareConfig):
     """A Ray Dataset of documents and bad records: one read task per shard, streaming blocks of `read_batch_docs`."""
     listing = ray.data.from_items([asdict(f) for f in files], override_num_blocks=len(files))
-    credentials = storage_credentials() if any(is_uri(f.path) for f in files) else {}
     return listing.map_batches(
         read_shards_batch,
         batch_size=1,
-        **({"runtime_env": {"env_vars": credentials}} if credentials else {}),
+        **task_env(*(f.path for f in files)),
         fn_kwargs={
             "text_field": cfg.text_field,
             "id_field": cfg.id_field,

@@ -201,8 +201,8 @@ def _summary(path: str, stats: dict) -> dict:
 def _run_task(name: str, path: str, ecfg: EvaluateConfig, console: Console) -> dict:
     """One model's row from a Ray task; waits for it, so the next model is timed on idle cores."""
     gpus = 1 if ecfg.device == "cuda" and not read_model_meta(path).get("quantization") else 0
-    remote = storage.task_env(ecfg.data if storage.is_uri(ecfg.data) else path)  # the storage settings, for URIs
-    task = ray.remote(evaluate_model).options(num_cpus=ecfg.num_threads, num_gpus=gpus, name=f"evaluate:{name}", **remote)
+    task = ray.remote(evaluate_model).options(num_cpus=ecfg.num_threads, num_gpus=gpus, name=f"evaluate:{name}",
+                                              **storage.task_env(ecfg.data, path))  # fmt: skip
     with console.status(f"evaluating {name} ({path})"):
         try:
             row = ray.get(task.remote(name, os.fspath(path), ecfg))

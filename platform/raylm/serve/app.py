@@ -77,7 +77,7 @@ def build_app(serve_cfg: ServeConfig, name: str = "raylm") -> serve.Application:
     handles, cards = {}, {}
     for model, path in available_models(serve_cfg).items():
         options = deployment_options(serve_cfg)  # fresh dicts for each deployment
-        if storage.is_uri(path) and (settings := storage.worker_settings()):
+        if settings := storage.settings_for(path):
             # A replica copies its model into its node's cache when it starts, as this process reaches the store.
             options["ray_actor_options"]["runtime_env"] = {"env_vars": settings}
         handles[model] = ModelServer.options(name=deployment_name(model), **options).bind(model, path, serve_cfg)

@@ -24,7 +24,7 @@ import yaml
 
 from raylm.serve.app import available_models, build_app, deployment_name, deployment_options
 from raylm.serve.config import ServeConfig
-from raylm.storage import absolute
+from raylm.storage import absolute, write_text
 
 IMPORT_PATH = "raylm.serve.deploy:app_builder"
 
@@ -61,9 +61,6 @@ def serve_config_file(serve_cfg: ServeConfig, app_name: str) -> dict:
 def write_serve_config(serve_cfg: ServeConfig, app_name: str, path: str | os.PathLike) -> Path:
     """Write serve_config_file(serve_cfg, app_name) as YAML to `path` (atomically: a reader never sees half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     header = "# Ray Serve config written by `raylm serve-config`; deploy with: serve deploy " + str(path) + "\n"
-    tmp.write_text(header + yaml.safe_dump(serve_config_file(serve_cfg, app_name), sort_keys=False))
-    tmp.replace(path)
+    write_text(path, header + yaml.safe_dump(serve_config_file(serve_cfg, app_name), sort_keys=False))
     return path

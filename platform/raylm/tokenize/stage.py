@@ -136,7 +136,7 @@ def _ordered_texts(files: list[str], batch_rows: int, max_chars: int | None = No
     """
     ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=max(1, len(files)))
     ds = ds.map_batches(read_texts, batch_size=1, fn_kwargs={"batch_rows": batch_rows, "max_chars": max_chars},
-                        **storage.task_env(files[0] if files else ""))  # fmt: skip
+                        **storage.task_env(*files))  # fmt: skip
     # Set on this dataset's own copy of the DataContext: the global one, shared with other stages, stays as it is.
     ds.context.execution_options.preserve_order = True
     return ds

@@ -35,6 +35,7 @@ from raylm.errors import ConfigError, InputError
 from raylm.model.config import GPTConfig
 from raylm.storage import (
     absolute, check_writable, copy_tree, filesystem, is_uri, join, local_file, remove, require_local,
+    run_config_storage,
 )
 from raylm.tokenize.shards import TokenMeta, read_token_meta
 from raylm.train.checkpoint import STATE_FILE, latest_run_checkpoint, verify_checkpoint
@@ -163,9 +164,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=run_name,
-            # On an object store, with a client that carries the driver's settings to the controller and workers.
-            storage_path=filesystem(storage_path)[1] if is_uri(storage_path) else storage_path,
-            storage_filesystem=filesystem(storage_path)[0] if is_uri(storage_path) else None,
+            **run_config_storage(storage_path),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
             callbacks=list(callbacks),

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch.utils.cpp_extension import get_default_build_root
 
-from raylm.storage import is_uri, worker_settings
+from raylm.storage import settings_for
 from raylm.train.config import TrainConfig
 
 KEEP_FREED_MEMORY_ENV = {
@@ -45,7 +45,7 @@ def worker_runtime_env(train_cfg: TrainConfig, reads: Sequence[str] = ()) -> dic
     above (a value the driver's environment already sets wins); when the token data or another location the
     workers read (`reads`: a teacher model) is on an object store, the driver's storage settings (credentials,
     endpoint, the node cache's directory)."""
-    env = worker_settings() if any(is_uri(x) for x in (train_cfg.data, *reads)) else {}
+    env = settings_for(train_cfg.data, *reads)
     if not train_cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
         if train_cfg.keep_freed_memory:

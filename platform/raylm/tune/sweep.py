@@ -97,7 +97,7 @@ def _trial_driver(params: dict, *, train: TrainConfig, tune_cfg: TuneConfig, see
     # and the cleaner (a detached actor using the state API) must reach *this* cluster to release
     # the workers' CPUs. Without the address it may pick another Ray on the machine and leak them.
     # It also carries the storage settings when the data or the trials' storage is on an object store.
-    settings = storage.worker_settings() if any(storage.is_uri(x) for x in (train.data, storage_path)) else {}
+    settings = storage.settings_for(train.data, storage_path)
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit_trial).options(
         runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **settings}}
     )
@@ -127,9 +127,6 @@ def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: str, 
     driver = tune.with_parameters(
         _trial_driver, train=train, tune_cfg=tune_cfg, seed=seed, storage_path=storage.join(root, TRIALS_DIR)
     )
-    experiment = storage.join(root, TUNE_DIR)
-    # On an object store, with a client that carries this process's settings to Tune's processes.
-    fs, experiment_path = storage.filesystem(experiment) if storage.is_uri(experiment) else (None, experiment)
     tuner = tune.Tuner(
         tune.with_resources(driver, {"CPU": TRIAL_DRIVER_CPUS}),
         param_space=to_tune_space(tune_cfg.search_space),
@@ -146,8 +143,7 @@ def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: str, 
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
-            storage_path=experiment_path,
-            storage_filesystem=fs,
+            **storage.run_config_storage(storage.join(root, TUNE_DIR)),
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
