@@ -73,7 +73,8 @@ def two_node_cluster(cpus_per_node: int):
     try:
         from raylm.cluster.multihost import MultiHostCluster
 
-        cluster = MultiHostCluster(num_workers=1, cpus_per_node=cpus_per_node).start()
+        # The runs' storage is a local directory: the hosts share this disk (as NFS would).
+        cluster = MultiHostCluster(num_workers=1, cpus_per_node=cpus_per_node, private_disks=False).start()
     except Exception as e:  # not importable, not root, no `ip`: fall back, and say so
         print(f"note: no multi-host cluster ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
               " using ray.cluster_utils.Cluster (two raylets on one host)", flush=True)  # fmt: skip

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpus-per-node", type=int, default=2, help="logical CPUs of each node (default 2)")
     up.add_argument("--head-cpus", type=int, default=None, help="logical CPUs of the head (default: --cpus-per-node)")
     up.add_argument("--subnet", default=None, help="private IPv4 /24 to use (default: a free one in 10.213.0.0/16)")
+    up.add_argument("--shared-disk", action="store_true",
+                    help="worker hosts see this machine's disk, as NFS would share it (default: each has its own "
+                         "/tmp, /dev/shm and copy of the checkout, as separate machines do)")
     down = csub.add_parser("down", help="stop a cluster and delete its namespaces, links and temp dir")
     down.add_argument("name", nargs="?", default=None, help="cluster name (default: the only one running)")
     csub.add_parser("status", help="list the clusters on this machine")
@@ -137,10 +140,13 @@ def _run_cluster(args: argparse.Namespace) -> int:
     from raylm.cluster import multihost  # (as above, for every subcommand's own imports)
 
     if args.cluster_command == "up":
-        c = multihost.up(args.workers, args.cpus_per_node, head_cpus=args.head_cpus, subnet=args.subnet)
-        print(f"cluster {c.name}: head {c.head_ip}, worker hosts {', '.join(c.worker_ips)}")
-        print(f"  Jobs API: raylm submit train --config configs/demo.yaml --address {c.jobs_address}"
-              " --run.shared_filesystem=true")
+        c = multihost.up(args.workers, args.cpus_per_node, head_cpus=args.head_cpus, subnet=args.subnet,
+                         private_disks=not args.shared_disk)
+        disks = "sharing this machine's disk" if args.shared_disk else "each with a disk of its own"
+        print(f"cluster {c.name}: head {c.head_ip}, worker hosts {', '.join(c.worker_ips)} ({disks})")
+        # Where the run's files go: a bucket every host reaches, or this disk when the hosts share it.
+        workdir = "--run.shared_filesystem=true" if args.shared_disk else "--run.workdir=s3://BUCKET/RUN"
+        print(f"  Jobs API: raylm submit train --config configs/demo.yaml --address {c.jobs_address} {workdir}")
         print(f"  clients:  {' '.join(f'export {k}={v};' for k, v in c.env.items())}")
         print(f"  stop:     raylm cluster down {c.name}")
         return 0

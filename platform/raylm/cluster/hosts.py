@@ -11,6 +11,10 @@ Every name derives from the cluster's (bridge <name>br, namespace <name>-w<i>, v
 on the bridge and <name>n<i> in the namespace), so `remove_hosts` finds them from the name alone,
 also after a crash. `_create_worker_host` makes a worker host what it is, and `command_on_host` is
 how a process enters one. Needs root (namespaces, links) and iproute2's `ip`.
+
+Machines of a real cluster share no disk either. With private disks (the default), a worker host's
+`ray start` also runs in a mount namespace of its own (`private_disk_command`), where /tmp, /dev/shm
+and the checkout are the host's own: a file one host writes there, another never sees.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -41,12 +46,15 @@ class Hosts:
     namespaces: list[str]
 
 
-def check_prerequisites() -> None:
-    """Fail with one line when this machine cannot host namespaced Ray nodes: not root, or no `ip`."""
+def check_prerequisites(private_disks: bool = False) -> None:
+    """Fail with one line when this machine cannot host namespaced Ray nodes: not root, no `ip` (or `unshare`)."""
     if os.geteuid() != 0:
         raise RaylmError("multihost cluster: needs root (creating network namespaces and links); run as root")
     if ip_binary() is None:
         raise RaylmError("multihost cluster: iproute2's `ip` command not found (apt-get install iproute2)")
+    if private_disks and shutil.which("unshare") is None:
+        raise RaylmError("multihost cluster: util-linux's `unshare` not found (apt-get install util-linux); "
+                         "or start it with shared disks")
 
 
 def ip_binary() -> str | None:
@@ -145,6 +153,40 @@ def command_on_host(namespace: str | None, cmd: list[str]) -> list[str]:
     if namespace is None:
         return cmd
     return [ip_binary() or "ip", "netns", "exec", namespace, *cmd]
+
+
+def private_disk_command(disk_root: str, views: list[str], mkdirs: list[str], cmd: list[str]) -> list[str]:
+    """`cmd` started in a mount namespace of its own whose /tmp, /dev/shm and `views` are private to it.
+
+    /tmp is `disk_root`/tmp, bound over the machine's; /dev/shm a fresh tmpfs; each directory of `views` (the
+    checkout, the working directory) a copy-on-write overlay on the machine's, its changes kept under
+    `disk_root`, so the host reads what the machine has there and writes only to its own copy. `mkdirs` are
+    made in the private /tmp before `cmd` runs. Every process `cmd` starts (a raylet, its workers) inherits
+    the namespace; it ends with the last of them. `disk_root` is made here, from this namespace.
+    """
+    tmp = os.path.join(disk_root, "tmp")
+    os.makedirs(tmp, exist_ok=True)
+    os.chmod(tmp, 0o1777)  # as /tmp: every user may write, only the owner removes
+    steps = []
+    for k, view in enumerate(views):
+        upper, work = os.path.join(disk_root, f"view{k}", "upper"), os.path.join(disk_root, f"view{k}", "work")
+        os.makedirs(upper, exist_ok=True)
+        os.makedirs(work, exist_ok=True)
+        opts = f"lowerdir={view},upperdir={upper},workdir={work}"
+        steps.append(f"mount -t overlay overlay -o {shlex.quote(opts)} {shlex.quote(view)}")
+    # /tmp last: `disk_root` itself is under the machine's /tmp, hidden once the private one is bound over it.
+    steps += [f"mount --bind {shlex.quote(tmp)} /tmp", "mount -t tmpfs -o mode=1777 tmpfs /dev/shm"]
+    steps += [f"mkdir -p {shlex.quote(d)}" for d in mkdirs]
+    script = " && ".join(steps) + ' && exec "$@"'
+    unshare = shutil.which("unshare") or "unshare"
+    return [unshare, "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *cmd]
+
+
+def private_views(cwd: str, checkout: str | None) -> list[str]:
+    """The directories a host with a private disk gets its own copy of: the checkout raylm runs from and the
+    working directory, the outermost ones only (an overlay over an overlay hides nothing more); never `/`."""
+    dirs = sorted({os.path.realpath(d) for d in (cwd, checkout) if d} - {"/"})
+    return [d for d in dirs if not any(d != o and d.startswith(o.rstrip("/") + "/") for o in dirs)]
 
 
 def remove_hosts(name: str) -> bool:

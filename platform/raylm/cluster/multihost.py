@@ -3,7 +3,9 @@
 A head and worker hosts, each worker host in its own network namespace with its own IP address.
 Every node is a separate `ray start` with its own raylet, object store and temp dir, and all traffic
 between them (GCS, object transfers, gloo collectives) goes over TCP between distinct addresses, as
-between machines. The cluster uses Ray's token authentication with a fresh token of its own (`.env`
+between machines. Nor do they share a disk: each worker host also has a mount namespace of its own, with
+a private /tmp, /dev/shm and copy-on-write view of the checkout (`private_disks=False` shares this
+machine's disk instead, like NFS would). The cluster uses Ray's token authentication with a fresh token of its own (`.env`
 carries it); ~/.ray/auth_token is neither read nor written.
 
     with MultiHostCluster(num_workers=2, cpus_per_node=2) as cluster:
@@ -57,7 +59,9 @@ class MultiHostCluster:
 
     Attributes once started: `name`, `address` (GCS, for `ray.init`), `jobs_address` (Jobs API and
     dashboard, for `raylm submit`), `head_ip`, `worker_ips`, `env` (RAY_ADDRESS and the auth token a
-    client needs). Nodes carry the label `raylm-role=head|worker`. Leaving the `with` block (or
+    client needs). Nodes carry the label `raylm-role=head|worker`. With `private_disks` (the default) each
+    worker host has its own /tmp, /dev/shm and copy of the checkout and working directory, as separate
+    machines have; the head is this machine. Leaving the `with` block (or
     `stop()`) kills every process of this cluster and deletes its namespaces, links and temp dir,
     also after errors.
     """
@@ -71,6 +75,7 @@ class MultiHostCluster:
         object_store_mb: int = 256,
         name: str | None = None,
         start_timeout_s: float = 180.0,
+        private_disks: bool = True,
     ):
         if not 1 <= num_workers <= 64:
             raise RaylmError(f"multihost cluster: num_workers must be between 1 and 64, got {num_workers}")
@@ -87,6 +92,7 @@ class MultiHostCluster:
         if not _is_cluster_name(self.name):
             raise RaylmError(f"multihost cluster: name {self.name!r} must be '{PREFIX}' + up to 5 letters/digits")
         self.start_timeout_s = start_timeout_s
+        self.private_disks = private_disks
         self.state: ClusterState | None = None
 
     # The attributes users and benchmarks read.
@@ -124,7 +130,7 @@ class MultiHostCluster:
 
     def start(self) -> "MultiHostCluster":
         """Create the hosts, start the head and every worker host, wait until all nodes are alive."""
-        check_prerequisites()
+        check_prerequisites(self.private_disks)
         t0 = time.time()
         try:
             self.state = self._create_hosts()
@@ -160,7 +166,7 @@ class MultiHostCluster:
         hosts = create_hosts(self.name, self.num_workers, self.requested_subnet)
         return ClusterState(name=self.name, subnet=hosts.subnet, head_ip=hosts.head_ip, worker_ips=hosts.worker_ips,
                             gcs_port=0, dashboard_port=0, token=secrets.token_hex(32), temp_root=str(temp_root),
-                            bridge=hosts.bridge, namespaces=hosts.namespaces)
+                            bridge=hosts.bridge, namespaces=hosts.namespaces, private_disks=self.private_disks)
 
     def _wait_restarting_lost_workers(self, attempts: int = 3) -> None:
         """Wait for every node; start again a worker host whose raylet died while starting.

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from raylm.cluster.hosts import command_on_host, worker_ifname
+from raylm.cluster.hosts import command_on_host, private_disk_command, private_views, worker_ifname
 from raylm.cluster.processes import MARKER_ENV, NODE_MARKER_ENV
 from raylm.cluster.state import ClusterState, write_state
 from raylm.errors import RaylmError
@@ -57,9 +57,15 @@ def _node_env(state: ClusterState, node: str, gloo_ifname: str) -> dict[str, str
     return env
 
 
-def _ray_start(state: ClusterState, args: list[str], env: dict[str, str], log_name: str, netns: str | None) -> None:
+def _ray_start(state: ClusterState, args: list[str], env: dict[str, str], log_name: str, netns: str | None,
+               disk: tuple[str, list[str]] | None = None) -> None:
+    """`ray start args` on the host of `netns` (the head's when None); with `disk` (its root, the dirs to make
+    there), in that host's private mount namespace."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    cmd = command_on_host(netns, [ray_bin, "start", *args])
+    cmd = [ray_bin, "start", *args]
+    if disk is not None:
+        cmd = private_disk_command(disk[0], private_views(os.getcwd(), checkout_root()), disk[1], cmd)
+    cmd = command_on_host(netns, cmd)
     log_path = Path(state.temp_root) / f"{log_name}.log"
     with open(log_path, "w") as out:
         # A new session: the nodes must not die with the terminal of `raylm cluster up`.
@@ -101,6 +107,8 @@ def start_worker(state: ClusterState, i: int, cpus: int, object_store_mb: int, r
     # Naming the agents' ports spares the raylet waiting for the agents to report them, except the
     # dashboard agent's HTTP port, which `ray start` does not pass on (see
     # MultiHostCluster._wait_restarting_lost_workers in multihost.py).
+    # A retry gets a fresh temp dir: nothing of the lost raylet (sockets, port files) in its way.
+    temp_dir = f"{state.temp_root}/w{i}{f'-retry{retry}' if retry else ''}"
     agent_ports = [f"--dashboard-agent-listen-port={WORKER_AGENT_PORT}",
                    f"--dashboard-agent-grpc-port={WORKER_AGENT_PORT + 1}",
                    f"--metrics-export-port={WORKER_AGENT_PORT + 2}",
@@ -108,12 +116,23 @@ def start_worker(state: ClusterState, i: int, cpus: int, object_store_mb: int, r
     args = [
         f"--address={state.address}", f"--node-ip-address={state.worker_ips[i]}", *agent_ports,
         f"--num-cpus={cpus}", f"--object-store-memory={object_store_mb * 2**20}",
-        # A retry gets a fresh temp dir: nothing of the lost raylet (sockets, port files) in its way.
-        f"--temp-dir={state.temp_root}/w{i}{f'-retry{retry}' if retry else ''}", f"--labels={WORKER_LABEL}=worker",
+        f"--temp-dir={temp_dir}", f"--labels={WORKER_LABEL}=worker",
         "--disable-usage-stats",
     ]
     env = _node_env(state, f"w{i}", worker_ifname(state.name, i))
-    _ray_start(state, args, env, f"w{i}-{retry}", netns=state.namespaces[i])
+    disk = (host_disk(state, i), [temp_dir]) if state.private_disks else None
+    _ray_start(state, args, env, f"w{i}-{retry}", netns=state.namespaces[i], disk=disk)
+
+
+def host_disk(state: ClusterState, i: int) -> str:
+    """Where worker host `i`'s private disk lives on the machine (its /tmp, its copies of the checkout)."""
+    return os.path.join(state.temp_root, f"disk-w{i}")
+
+
+def checkout_root() -> str | None:
+    """The source checkout raylm runs from (an editable install), whose files a host reads; None if installed."""
+    root = Path(__file__).resolve().parents[3]
+    return str(root) if (root / "pyproject.toml").is_file() else None
 
 
 _COUNT_ALIVE = """

@@ -29,6 +29,7 @@ class ClusterState:
     temp_root: str
     bridge: str
     namespaces: list[str] = field(default_factory=list)
+    private_disks: bool = False  # each worker host in its own mount namespace (hosts.private_disk_command)
 
     @property
     def address(self) -> str:
