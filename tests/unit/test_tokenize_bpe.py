@@ -126,3 +126,13 @@ def test_pieces_get_one_separator_per_document(tokenizer, monkeypatch):
     assert ends.tolist() == np.cumsum([len(tokenizer.encode(d, add_special_tokens=False).ids) + 1 for d in docs]).tolist()
     unsplit = split_long_documents(pa.table({"text": ["tiny", None]}), max_chars=64)
     assert unsplit.column("text").to_pylist() == ["tiny", ""] and unsplit.column("last").to_pylist() == [True, True]
+
+
+@pytest.mark.parametrize("cpus, per_actor, want", [(4, 1, 2), (3, 1, 2), (2, 1, 1), (1, 1, 1), (8, 2, 2), (4, 2, 1)])
+def test_the_encoding_pool_leaves_a_cpu_for_the_tasks_that_read_its_texts(cpus, per_actor, want):
+    """Actors holding every CPU of a small cluster would wait forever for texts no task could read (a 2-CPU
+    cluster hung this way with the default 2 actors)."""
+    from raylm.tokenize.stage import encode_pool_size
+
+    tc = TokenizeConfig(input="in", output="out", encode_actors=2, encode_cpus_per_actor=per_actor)
+    assert encode_pool_size(tc, cpus) == want

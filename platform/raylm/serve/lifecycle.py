@@ -8,17 +8,21 @@ The caller connects Ray first (raylm.stages.run_stage does); the app is named af
 """
 
 import errno
+import logging
 import signal
 import socket
 import threading
 import time
 
+import ray
 from ray import serve
 
 from raylm.context import RunContext
 from raylm.errors import RaylmError
 from raylm.serve.app import available_models, build_app
 from raylm.serve.config import ServeConfig
+
+log = logging.getLogger(__name__)
 
 
 def start_serve(serve_cfg: ServeConfig, ctx: RunContext) -> str:
@@ -66,9 +70,22 @@ def _start(serve_cfg: ServeConfig, ctx: RunContext) -> tuple[str, list[str]]:
     app = build_app(serve_cfg.model_copy(update={"models": models}), app_name)
     if not serve.status().proxies:  # Serve not running yet: our HTTP options will apply
         _check_port_free(serve_cfg.host, serve_cfg.port)
+    _warn_if_short_of_cpus(serve_cfg, len(models))
     serve.start(http_options={"host": serve_cfg.host, "port": serve_cfg.port})
     serve.run(app, name=app_name, route_prefix="/")
     return _base_url(serve_cfg), sorted(models)
+
+
+def _warn_if_short_of_cpus(serve_cfg: ServeConfig, num_models: int) -> None:
+    """Say so when the replicas Serve starts with need more CPUs than the cluster has now: they wait (for an
+    autoscaler to add nodes, or forever), and the start blocks with them."""
+    need = num_models * serve_cfg.autoscaling.min_replicas * serve_cfg.num_cpus_per_replica
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        log.warning("serve: %d model(s) x serve.autoscaling.min_replicas=%d x serve.num_cpus_per_replica=%g need %g "
+                    "CPUs, the cluster has %g now; their replicas wait for more (lower serve.num_cpus_per_replica on a "
+                    "small cluster)", num_models, serve_cfg.autoscaling.min_replicas, serve_cfg.num_cpus_per_replica,
+                    need, have)
 
 
 def _check_port_free(host: str, port: int) -> None:

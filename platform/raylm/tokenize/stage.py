@@ -41,7 +41,6 @@ from raylm import storage
 from raylm.artifacts import require_stage_output, stage_output
 from raylm.context import RunContext
 from raylm.errors import InputError
-from raylm.storage import require_local
 from raylm.tokenize.bpe import (
     TOKENIZER_FILE, check_vocab_size, eos_token_id, load_existing_tokenizer, train_tokenizer, vocab_size_of,
 )
@@ -60,10 +59,6 @@ def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
 
     With tokenize.format sft, encodes prompt/completion JSONL instead (raylm.tokenize.sft).
     """
-    require_local(tc.tokenizer or "", "tokenize.tokenizer")
-    if tc.format == "sft":
-        require_local(tc.input, "tokenize.input")
-        require_local(tc.output, "tokenize.output")
     storage.check_writable(tc.output)
     if tc.format == "sft":
         return run_sft_tokenize(tc, ctx)
@@ -168,10 +163,20 @@ def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, e
         },
         batch_size=tc.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=tc.encode_actors),
+        compute=ray.data.ActorPoolStrategy(size=encode_pool_size(tc, ray.cluster_resources().get("CPU", 0))),
         num_cpus=tc.encode_cpus_per_actor,
     )
     return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+
+
+def encode_pool_size(tc: TokenizeConfig, cluster_cpus: float) -> int:
+    """tokenize.encode_actors, or fewer on a cluster too small for them and a reading task: actors that hold
+    every CPU would wait forever for the texts that no task could read."""
+    fits = int((cluster_cpus - 1) // tc.encode_cpus_per_actor)
+    if fits < tc.encode_actors:
+        log.info("tokenize: %d encoding actor(s), not tokenize.encode_actors=%d: the cluster has %g CPUs",
+                 max(1, fits), tc.encode_actors, cluster_cpus)
+    return max(1, min(tc.encode_actors, fits))
 
 
 class SplitWriter:

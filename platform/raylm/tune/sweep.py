@@ -56,9 +56,11 @@ from raylm.tune.search_space import (
 TUNE_DIR = "ray"
 TRIALS_DIR = "trials"
 EXPERIMENT = "sweep"
-# A Tune trial only drives its Ray Train run (the workers hold the real CPUs); Tune needs a
-# non-zero request to place it, so it asks for a sliver of a CPU.
-TRIAL_DRIVER_CPUS = 0.01
+# A Tune trial only drives its Ray Train run (the workers hold the real CPUs). Tune needs a non-zero
+# request to place it: it asks for the memory of a Python process, not a sliver of a CPU, which would
+# leave a host whose CPUs fit its share of trial workers exactly one CPU short for them (a sweep of
+# 1-CPU workers on 1-CPU hosts waited forever that way).
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 2**20}
 
 
 @dataclass
@@ -88,16 +90,20 @@ def _fit_trial(train_cfg: TrainConfig, run_name: str, storage_path: str, seed: i
     build_trainer(train_cfg, run_name=run_name, storage_path=storage_path, seed=seed, callbacks=[callback]).fit()
 
 
-def _trial_driver(params: dict, *, train: TrainConfig, tune_cfg: TuneConfig, seed: int, storage_path: str) -> None:
-    """A Tune trial: the trial's train config, fitted by Ray Train, its reports relayed to Tune."""
+def _trial_driver(params: dict, *, train: TrainConfig, tune_cfg: TuneConfig, seed: int, storage_path: str,
+                  settings: dict[str, str]) -> None:
+    """A Tune trial: the trial's train config, fitted by Ray Train, its reports relayed to Tune.
+
+    `settings`: the object-store settings of the sweep's driver (storage.settings_for), taken there: on another
+    node this actor's own environment need not have them.
+    """
     run_name = f"trial-{tune.get_context().get_trial_id()}"
-    train_cfg = trial_train_config(train, tune_cfg, params, output=os.path.join(storage_path, run_name))
+    train_cfg = trial_train_config(train, tune_cfg, params, output=storage.join(storage_path, run_name))
     # The fit runs in a task that carries this cluster's address in RAY_ADDRESS, inherited by the
     # Train controller and its placement-group cleaner: when ASHA stops this trial, its actor dies,
     # and the cleaner (a detached actor using the state API) must reach *this* cluster to release
     # the workers' CPUs. Without the address it may pick another Ray on the machine and leak them.
     # It also carries the storage settings when the data or the trials' storage is on an object store.
-    settings = storage.settings_for(train.data, storage_path)
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit_trial).options(
         runtime_env={"env_vars": {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, **settings}}
     )
@@ -125,10 +131,11 @@ def _scheduler(tune_cfg: TuneConfig):
 def _run_trials(train: TrainConfig, tune_cfg: TuneConfig, seed: int, root: str, name: str):
     """Run the sweep with Ray Tune; returns its ResultGrid."""
     driver = tune.with_parameters(
-        _trial_driver, train=train, tune_cfg=tune_cfg, seed=seed, storage_path=storage.join(root, TRIALS_DIR)
+        _trial_driver, train=train, tune_cfg=tune_cfg, seed=seed, storage_path=storage.join(root, TRIALS_DIR),
+        settings=storage.settings_for(train.data, root),
     )
     tuner = tune.Tuner(
-        tune.with_resources(driver, {"CPU": TRIAL_DRIVER_CPUS}),
+        tune.with_resources(driver, TRIAL_DRIVER_RESOURCES),
         param_space=to_tune_space(tune_cfg.search_space),
         tune_config=tune.TuneConfig(
             metric=tune_cfg.metric,
