@@ -202,4 +202,13 @@ def test_training_on_s3_gives_the_same_run(trained, s3_bucket, tmp_path):
     storage.copy_tree(result["model"], str(copied))
     theirs = load_model(copied)
     assert all(torch.equal(a, b) for a, b in zip(local.model.state_dict().values(), theirs.model.state_dict().values()))
-    assert not any(tmp_path.iterdir()) or sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing else here
+    # TensorBoard events reach the bucket too (written locally by rank 0, uploaded), with the disk run's values
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events_dir = tmp_path / "tensorboard"
+    storage.copy_tree(f"{output}/ray/unit/tensorboard", str(events_dir))
+    events = EventAccumulator(str(events_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/val_loss")][-1] == summary["steps"]
+    assert events.Scalars("train/val_loss")[-1].value == pytest.approx(summary["val_loss"], rel=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "tensorboard"]  # nothing else here

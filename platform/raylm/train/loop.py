@@ -124,8 +124,10 @@ class _Worker:
         check_precision(cfg.precision, device)
         self.coords = coords = rank_coords(self.rank, world, pipeline_stages=cfg.pipeline_stages)
         self.pipelined = cfg.pipeline_stages > 1
-        # where each stage runs (checked against pipeline_placement), for the reported metrics
-        placement = {"pipeline_stage_nodes": pipe.stage_nodes(coords, cfg.pipeline_placement)} if self.pipelined else {}
+        # where each rank (and each pipeline stage, checked against pipeline_placement) runs, for the reported metrics
+        placement = {"worker_nodes": worker_nodes()}
+        if self.pipelined:
+            placement["pipeline_stage_nodes"] = pipe.stage_nodes(coords, cfg.pipeline_placement)
 
         meta = read_token_meta(cfg.data)
         if is_uri(cfg.data):  # the tokenizer of this node's copy of the data, not the driver's
@@ -262,6 +264,13 @@ class _Worker:
         self.report(max(self.cfg.max_steps, self.start_step), last, checkpoint=True, export=True)
         if self.log is not None:
             self.log.close()
+
+
+def worker_nodes() -> list[str]:
+    """The IP address of each rank's node (index: rank), gathered from every rank."""
+    ips = [None] * dist.get_world_size()
+    dist.all_gather_object(ips, ray.util.get_node_ip_address())
+    return ips
 
 
 def _run_figures(engine, spec: LoopSpec, meta: TokenMeta, coords: RankCoords, device: torch.device,

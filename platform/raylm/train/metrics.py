@@ -10,10 +10,15 @@ from __future__ import annotations
 import math
 import os
 import resource
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 from ray.util.metrics import Gauge
+
+from raylm import storage
 
 
 def perplexity(loss: float) -> float:
@@ -57,18 +62,40 @@ def peak_rss_mb() -> float:
 
 
 class TrainLog:
-    """Rank 0's record of a run: appends to the history and prints, writes TensorBoard and Ray gauges."""
+    """Rank 0's record of a run: appends to the history and prints, writes TensorBoard and Ray gauges.
 
-    def __init__(self, run_name: str, history: list[dict], tensorboard_dir: str | None = None):
+    TensorBoard events for a directory on an object store are written to a local directory first and copied
+    there at most every `upload_interval_s` and when the log closes (an event file only grows; a resumed run
+    adds a file of its own beside the earlier ones, as on a disk).
+    """
+
+    def __init__(self, run_name: str, history: list[dict], tensorboard_dir: str | None = None,
+                 upload_interval_s: float = 30.0):
         self.run_name = run_name
         self.history = history
         self._writer = None
+        self._upload_to = None
+        self._upload_interval_s = upload_interval_s
+        self._uploaded_at = 0.0
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter  # loads TensorBoard: only when it is on
 
-            os.makedirs(tensorboard_dir, exist_ok=True)
-            self._writer = SummaryWriter(tensorboard_dir)
+            local = tensorboard_dir
+            if storage.is_uri(tensorboard_dir):
+                self._upload_to = tensorboard_dir
+                local = tempfile.mkdtemp(prefix="raylm-tensorboard-")
+            os.makedirs(local, exist_ok=True)
+            self._writer = SummaryWriter(local)
         self._gauges = _ray_gauges()
+
+    def _upload(self, force: bool = False) -> None:
+        """Copy the local event files to the object-store directory, if it is time to (or `force`)."""
+        if self._upload_to is None or not (force or time.monotonic() - self._uploaded_at >= self._upload_interval_s):
+            return
+        local = self._writer.get_logdir()
+        for name in sorted(os.listdir(local)):
+            storage.write_bytes(storage.join(self._upload_to, name), Path(local, name).read_bytes())
+        self._uploaded_at = time.monotonic()
 
     def record(self, step: int, values: dict) -> None:
         """Append `values` at `step` to the history and publish them."""
@@ -77,6 +104,7 @@ class TrainLog:
             for key, value in values.items():
                 self._writer.add_scalar(f"train/{key}", value, step)
             self._writer.flush()
+            self._upload()
         for key, value in values.items():
             gauge = self._gauges.get(key)
             if gauge is not None:
@@ -85,6 +113,9 @@ class TrainLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            if self._upload_to is not None:
+                self._upload(force=True)
+                shutil.rmtree(self._writer.get_logdir(), ignore_errors=True)
 
 
 def _ray_gauges() -> dict:

@@ -34,7 +34,7 @@ from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.config import GPTConfig
 from raylm.storage import (
-    absolute, check_writable, copy_tree, filesystem, is_uri, join, local_file, remove, require_local,
+    absolute, check_writable, copy_tree, filesystem, is_uri, join, local_file, remove,
     run_config_storage,
 )
 from raylm.tokenize.shards import TokenMeta, read_token_meta
@@ -134,9 +134,7 @@ def build_trainer(
         resume_from = latest_run_checkpoint(Path(storage_path) / run_name)
         if resume_from is not None:
             verify_checkpoint(resume_from)
-    tensorboard_dir = None
-    if train_cfg.tensorboard and not is_uri(storage_path):
-        tensorboard_dir = os.path.join(storage_path, run_name, "tensorboard")
+    tensorboard_dir = join(storage_path, run_name, "tensorboard") if train_cfg.tensorboard else None
     spec = LoopSpec(
         train=train_cfg,
         model=gpt.to_dict(),
@@ -217,7 +215,8 @@ def fit_to_output(
         "num_params": model_meta["num_params"],
         "export_max_abs_diff": export_diff,
         "resumed_from_step": final.get("start_step", 0),
-        # pipeline runs: the Ray node ids of each stage's workers, as the workers saw them
+        # where the ranks ran: each rank's node address; pipeline runs: the Ray node ids of each stage's workers
+        **({"worker_nodes": final["worker_nodes"]} if "worker_nodes" in final else {}),
         **({"pipeline_stage_nodes": final["pipeline_stage_nodes"]} if "pipeline_stage_nodes" in final else {}),
         **(extra or {}),
     }
@@ -246,7 +245,6 @@ def stage_config(section_cfg, seed: int) -> dict:
 
 def run_train(tc: TrainConfig, ctx: RunContext) -> dict:
     """The train stage: fit `tc` on its token data, export `<train.output>/model`, return a summary."""
-    require_local(tc.init_from or "", "train.init_from")
     check_writable(tc.output)
     inputs = [tc.data, *([tc.init_from] if tc.init_from else [])]  # a retrained base is a new run
     with stage_output(tc.output, "train", stage_config(tc, ctx.seed), inputs, ctx.overwrite) as out:
