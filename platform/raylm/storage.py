@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -25,12 +26,12 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from raylm.errors import ConfigError, InputError, RaylmError, first_line
+from raylm.errors import InputError, RaylmError, first_line
 
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_STORAGE_")
 """Environment variables that configure object-store clients."""
@@ -119,6 +120,16 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 
 def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode()
+
+
+def open_input(path: str | os.PathLike) -> BinaryIO:
+    """A buffered binary reader of a file, streamed (lines can be iterated); FileNotFoundError when there is none."""
+    if not is_uri(path):
+        return open(path, "rb")
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.File:
+        raise FileNotFoundError(str(path))
+    return io.BufferedReader(fs.open_input_stream(inner), buffer_size=UPLOAD_CHUNK)
 
 
 @contextmanager
@@ -330,13 +341,6 @@ def _store_error(e: OSError) -> str:
                                "credentials", "403")):  # fmt: skip
         return f"access refused; check the credentials (AWS_ACCESS_KEY_ID, ...): {first_line(e)}"
     return first_line(e)
-
-
-def require_local(location: str | os.PathLike, key: str) -> None:
-    """A ConfigError naming `key` when a path that must be local (or NFS) so far is given a URI."""
-    if is_uri(location):
-        raise ConfigError(f"{key}: {location}: this path must be local or on NFS so far (object storage is not "
-                          "supported for it yet)")  # fmt: skip
 
 
 CACHE_ENV = "RAYLM_CACHE_DIR"

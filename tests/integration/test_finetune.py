@@ -67,14 +67,17 @@ def base(ray_local, make_tokens, tmp_path_factory):
 def continued(base):
     """Continued pretraining from the base's train output, on the same data, a few steps at a low LR."""
     cfg, _ = base
-    root = Path(cfg.run.workdir)
-    more = load_config(None, _overrides(
-        root, "continued", f"--tokenize.output={cfg.tokenize.output}", f"--train.output={root / 'continued'}",
-        f"--train.init_from={cfg.train.output}", "--train.zero_stage=0", "--train.max_steps=4",
+    more = _continued_config(cfg, output=str(Path(cfg.run.workdir) / "continued"), init_from=cfg.train.output)
+    return more, run_stage("train", more)
+
+
+def _continued_config(base_cfg, output: str, init_from: str):
+    return load_config(None, _overrides(
+        Path(base_cfg.run.workdir), "continued", f"--tokenize.output={base_cfg.tokenize.output}",
+        f"--train.output={output}", f"--train.init_from={init_from}", "--train.zero_stage=0", "--train.max_steps=4",
         "--train.optimizer.lr=3e-4", "--train.optimizer.warmup_steps=0", "--train.eval_interval_steps=4",
         "--train.checkpoint_interval_steps=4",
     ))  # fmt: skip
-    return more, run_stage("train", more)
 
 
 def _sft_examples() -> list[dict]:
@@ -121,12 +124,49 @@ def test_continued_pretraining_starts_where_the_base_left_off(base, continued):
     assert summary["export_max_abs_diff"] < 1e-5
 
 
+def test_continued_pretraining_from_a_base_model_on_s3_is_the_same_run(base, continued, s3_bucket, tmp_path):
+    """train.init_from as an object-store URI (a train output there): checked on the driver, read by each worker
+    from its node's copy; the same losses and weights as the run from the base on disk."""
+    from raylm import storage
+
+    base_cfg, _ = base
+    _, summary = continued
+    storage.copy_tree(base_cfg.train.output, f"{s3_bucket}/base")  # the whole train output, manifest included
+    cfg = _continued_config(base_cfg, output=str(tmp_path / "continued"), init_from=f"{s3_bucket}/base")
+    again = run_stage("train", cfg)
+    assert again["loss"] == summary["loss"] and again["val_loss"] == summary["val_loss"]
+    model = load_model(tmp_path / "continued" / "model")
+    assert model.meta["init_from"] == f"{s3_bucket}/base/model"
+    ours, theirs = load_file(str(Path(again["model"]) / "model.safetensors")), load_file(str(Path(summary["model"]) / "model.safetensors"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def test_the_sft_data_masks_the_prompt(sft):
     _, tokens, _ = sft
     assert tokens["format"] == "sft" and sum(tokens["examples"].values()) == len(_sft_examples())
     assert tokens["truncated_prompts"] == tokens["dropped_too_long"] == 0
     meta = read_token_meta(tokens["output"])
     assert meta.loss_mask and meta.seq_len == SEQ_LEN
+
+
+def test_sft_tokenize_from_and_to_s3_writes_the_same_bytes(base, sft, s3_bucket):
+    """SFT data, the tokenizer (a model directory) and the output all on the S3 server: the same files as on disk."""
+    from raylm import storage
+
+    base_cfg, _ = base
+    cfg, tokens, _ = sft
+    storage.copy_tree(str(Path(base_cfg.train.output) / "model"), f"{s3_bucket}/base-model")
+    storage.write_bytes(f"{s3_bucket}/sft/data.jsonl", Path(cfg.tokenize.input).read_bytes())
+    summary = run_stage("tokenize", load_config(None, _overrides(
+        Path(base_cfg.run.workdir), "sft", "--tokenize.format=sft", f"--tokenize.input={s3_bucket}/sft",
+        f"--tokenize.output={s3_bucket}/sft_tokens", f"--tokenize.tokenizer={s3_bucket}/base-model",
+        f"--tokenize.seq_len={SEQ_LEN}", "--tokenize.sft.validation_fraction=0.2",
+    )))  # fmt: skip
+    assert summary["examples"] == tokens["examples"] and summary["output"] == f"{s3_bucket}/sft_tokens"
+    local = {f.name: storage.read_bytes(str(Path(tokens["output"]) / f.name)) for f in storage.list_files(tokens["output"])}
+    remote = {f.name: storage.read_bytes(f"{s3_bucket}/sft_tokens/{f.name}") for f in storage.list_files(f"{s3_bucket}/sft_tokens")}
+    assert sorted(remote) == sorted(local)
+    assert all(remote[name] == local[name] for name in local if name != "manifest.json")
 
 
 def test_lora_sft_learns_the_completions_and_exports_a_merged_plain_model(base, sft):

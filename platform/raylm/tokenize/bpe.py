@@ -9,11 +9,13 @@ the end-of-text separator, has id 0.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from raylm import storage
 from raylm.errors import ConfigError, InputError
 from raylm.tokenize.config import BYTE_ALPHABET_SIZE
 
@@ -103,8 +105,14 @@ def load_existing_tokenizer(path: str | os.PathLike, special_tokens: Iterable[st
     `path`: a tokenizer.json file; or a directory holding tokenizer.json, or vocab.json +
     merges.txt, or encoder.json + vocab.bpe (GPT-2's own files). Special tokens already in
     the vocabulary keep their ids (GPT-2's <|endoftext|> stays 50256); missing ones are
-    added after the vocabulary.
+    added after the vocabulary. On an object store, only those files are fetched (to a temporary directory).
     """
+    if storage.is_uri(path):
+        with tempfile.TemporaryDirectory(prefix="raylm-tokenizer-") as local:
+            try:
+                return load_existing_tokenizer(_fetch_tokenizer_files(str(path), local), special_tokens)
+            except InputError as e:  # name the URI, not the temporary copy
+                raise InputError(str(e).replace(local, str(path).rstrip("/"))) from None
     p = Path(path)
     pair = next(((p / v, p / m) for v, m in VOCAB_MERGES if (p / v).is_file() and (p / m).is_file()), None)
     if p.is_dir() and not (p / TOKENIZER_FILE).is_file() and pair is not None:
@@ -121,6 +129,21 @@ def load_existing_tokenizer(path: str | os.PathLike, special_tokens: Iterable[st
         tokenizer = load_tokenizer(p)
     tokenizer.add_special_tokens(list(special_tokens))
     return tokenizer
+
+
+def _fetch_tokenizer_files(uri: str, local: str) -> str:
+    """Copy the tokenizer file at `uri`, or the tokenizer files of the directory there, into `local`; the path that
+    names the same thing there. Missing ones are left for load_existing_tokenizer to report."""
+    if storage.is_file(uri):
+        target = os.path.join(local, uri.rstrip("/").rsplit("/", 1)[-1])
+        Path(target).write_bytes(storage.read_bytes(uri))
+        return target
+    if not storage.exists(uri):
+        raise InputError(f"{uri}: not found")
+    for name in (TOKENIZER_FILE, *(n for pair in VOCAB_MERGES for n in pair)):
+        if storage.is_file(storage.join(uri, name)):
+            Path(local, name).write_bytes(storage.read_bytes(storage.join(uri, name)))
+    return local
 
 
 def vocab_size_of(tokenizer: Tokenizer) -> int:

@@ -32,11 +32,12 @@ from typing import Iterator
 
 import numpy as np
 
+from raylm import storage
 from raylm.artifacts import stage_output
 from raylm.context import RunContext
 from raylm.data.sources import resolve_input
 from raylm.data.split import split_of
-from raylm.errors import InputError
+from raylm.errors import InputError, first_line
 from raylm.tokenize.bpe import eos_token_id, load_existing_tokenizer
 from raylm.tokenize.config import SftDataConfig, TokenizeConfig
 from raylm.tokenize.shards import SPLITS, token_dtype, write_token_data
@@ -70,13 +71,14 @@ class SftCounts:
         }
 
 
-def input_files(path: str) -> list[Path]:
-    """The JSONL file itself, or the sorted *.jsonl files of a directory (`package:sft_demo`: the bundled examples)."""
-    p = Path(resolve_input(path))
-    if p.is_file():
+def input_files(path: str) -> list[str]:
+    """The JSONL file itself, or the sorted *.jsonl files of a directory or prefix (`package:sft_demo`: the
+    bundled examples); local or on an object store."""
+    p = resolve_input(path)
+    if storage.is_file(p):
         return [p]
-    if p.is_dir():
-        files = sorted(p.glob("*.jsonl"))
+    if storage.exists(p):
+        files = [storage.join(p, f.name) for f in storage.list_files(p) if f.name.endswith(".jsonl") and "/" not in f.name]
         if files:
             return files
         raise InputError(f"{p}: no *.jsonl files (tokenize.input, format sft)")
@@ -105,13 +107,13 @@ def _field_key(key: str, sc: SftDataConfig) -> str:
     return "prompt_field" if key == sc.prompt_field else "completion_field"
 
 
-def read_records(files: list[Path], sc: SftDataConfig, counts: SftCounts) -> Iterator[tuple[str, str, str]]:
+def read_records(files: list[str], sc: SftDataConfig, counts: SftCounts) -> Iterator[tuple[str, str, str]]:
     """(file:line, prompt, completion) of every good record; bad lines raise or are counted (sft.on_error)."""
     for f in files:
         try:
-            handle = f.open("rb")
+            handle = storage.open_input(f)
         except OSError as e:
-            raise InputError(f"{f}: cannot read ({e.strerror})") from None
+            raise InputError(f"{f}: cannot read ({e.strerror or first_line(e)})") from None
         with handle:
             for number, raw in enumerate(handle, start=1):
                 where = f"{f}:{number}"
@@ -204,11 +206,12 @@ def run_sft_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
     with stage_output(tc.output, "tokenize", config, inputs=[tc.input, tc.tokenizer], overwrite=ctx.overwrite) as out:
         if out.done:
             return {"output": out.path, "reused": True, **out.manifest.get("stats", {})}
-        out.stats = write_sft_data(tc, files, Path(out.tmp), ctx.seed)
+        with storage.local_dir(out.tmp) as local:  # on an object store: written locally, then uploaded
+            out.stats = write_sft_data(tc, files, local, ctx.seed)
     return {"output": out.path, "reused": False, **out.stats}
 
 
-def write_sft_data(tc: TokenizeConfig, files: list[Path], out: Path, seed: int) -> dict:
+def write_sft_data(tc: TokenizeConfig, files: list[str], out: Path, seed: int) -> dict:
     """Encode and write the SFT token data into directory `out`; returns the manifest stats."""
     tokenizer = load_existing_tokenizer(tc.tokenizer, tc.special_tokens)
     eos_id = eos_token_id(tokenizer, tc.special_tokens)

@@ -1,6 +1,6 @@
 """Fine-tuning in the train stage: start from a trained model (train.init_from), LoRA (train.lora), SFT loss masks.
 
-    train.init_from: runs/demo/train        continued pretraining / SFT from the demo model (its model/ dir)
+    train.init_from: runs/demo/train        continued pretraining / SFT from the demo model (its model/ dir; or a URI)
     train.lora: {rank: 8, alpha: 16}        only adapters train; the export merges them (raylm.model.lora)
     train.data: <tokenize.format sft output> targets are the completions alone (raylm.tokenize.sft)
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from raylm import storage
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import CONFIG, TOKENIZER, WEIGHTS, read_model_meta
 from raylm.model.gpt import GPT, GPTConfig
@@ -29,27 +30,28 @@ from raylm.train.config import TrainConfig
 _SHAPE_FREE = {"dropout"}
 
 
-def resolve_init_from(path: str, section: str = "train") -> Path:
-    """The exported model directory `path` names: itself, or the model/ of a train (or distill) stage output."""
-    p = Path(path)
-    for candidate in (p, p / "model"):
-        if (candidate / CONFIG).is_file():
-            return candidate.resolve()
-    if not p.exists():
+def resolve_init_from(path: str, section: str = "train") -> str:
+    """The exported model directory `path` names (a local path, made absolute, or a URI): itself, or the model/ of
+    a train (or distill) stage output."""
+    p = storage.absolute(path)
+    for candidate in (p, storage.join(p, "model")):
+        if storage.is_file(storage.join(candidate, CONFIG)):
+            return candidate if storage.is_uri(candidate) else str(Path(candidate).resolve())
+    if not storage.exists(p):
         raise InputError(f"{p}: not found ({section}.init_from)")
     raise InputError(f"{p}: neither an exported raylm model ({CONFIG}, {WEIGHTS}) nor a train output with model/ ({section}.init_from)")
 
 
-def init_model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "train") -> tuple[GPTConfig, Path]:
+def init_model_config(train_cfg: TrainConfig, meta: TokenMeta, section: str = "train") -> tuple[GPTConfig, str]:
     """(GPTConfig of the base model, with train.model's dropout; the base's directory), checked against the data."""
     base_dir = resolve_init_from(train_cfg.init_from, section)
     base_meta = read_model_meta(base_dir)
     if base_meta.get("quantization"):
         raise InputError(f"{base_dir}: a quantized model cannot be trained further ({section}.init_from); use its fp32 source")
-    if not (base_dir / WEIGHTS).is_file():
+    if not storage.is_file(storage.join(base_dir, WEIGHTS)):
         raise InputError(f"{base_dir}: no {WEIGHTS} ({section}.init_from)")
     base = GPTConfig.from_dict(base_meta["model"])
-    check_same_tokenizer(meta, base_dir / TOKENIZER, f"{section}.init_from model {base_dir}")
+    check_same_tokenizer(meta, storage.join(base_dir, TOKENIZER), f"{section}.init_from model {base_dir}")
     m = train_cfg.model
     if m.model_fields_set - _SHAPE_FREE:  # train.model asks for something: it must be the base's shape
         try:
@@ -86,8 +88,10 @@ def check_finetune(train_cfg: TrainConfig, meta: TokenMeta, gpt: GPTConfig, sect
 
 
 def load_init_weights(model: GPT, model_dir: str | Path) -> None:
-    """Copy an exported model's weights (safetensors, fp32 or bf16 on disk) into `model`, whose shape must match."""
-    state = load_file(str(Path(model_dir) / WEIGHTS))
+    """Copy an exported model's weights (safetensors, fp32 or bf16 on disk) into `model`, whose shape must match.
+
+    A model on an object store is read from this node's copy (downloaded once per node)."""
+    state = load_file(str(Path(storage.local_copy(model_dir)) / WEIGHTS))
     state["lm_head.weight"] = state["wte.weight"]  # tied: stored once
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
