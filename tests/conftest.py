@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -61,39 +62,53 @@ def free_port():
     return _free_port
 
 
-@pytest.fixture(scope="session")
-def s3_server(free_port):
-    """A real S3-compatible server (moto) on loopback for the session; the AWS_* settings that reach it are set
-    in this process's environment (and so in the workers of a Ray this process starts, and in stage tasks)."""
+@contextlib.contextmanager
+def moto_s3(host: str, port: int):
+    """A real S3-compatible server (moto) listening on host:port while the block runs; yields the AWS_* settings
+    that reach it (set in this process's environment meanwhile, and so in the workers of a Ray it starts)."""
     import subprocess
     import time
 
     pytest.importorskip("moto", reason="moto[server] provides the S3-compatible server")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 60
     while True:
         try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            socket.create_connection((host, port), 0.5).close()
             break
         except OSError:
             if time.time() > deadline:
                 server.kill()
-                pytest.fail("moto server did not start")
+                pytest.fail(f"moto server did not start on {host}:{port}")
             time.sleep(0.2)
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}  # fmt: skip
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield env["AWS_ENDPOINT_URL"]
-    server.terminate()
-    server.wait(timeout=10)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    try:
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def s3_server_at():
+    """`with s3_server_at(host, port) as aws_env:` an S3 server of its own on an address other hosts reach."""
+    return moto_s3
+
+
+@pytest.fixture(scope="session")
+def s3_server(free_port):
+    """The session's S3 server on loopback (`moto_s3`); its endpoint URL."""
+    with moto_s3("127.0.0.1", free_port()) as env:
+        yield env["AWS_ENDPOINT_URL"]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 
 from raylm.errors import ConfigError
 from raylm.runtime import init_ray, nodes_elsewhere
-from raylm.storage import is_uri
+from raylm.storage import check_writable, is_uri
 
 if TYPE_CHECKING:  # for annotations only: this module is imported by `raylm --help`, which loads no config
     from raylm.config import RaylmConfig
@@ -94,6 +94,11 @@ def run_stage(name: str, cfg: RaylmConfig, ctx: RunContext | None = None) -> dic
     """Run one stage of `cfg` with the run context `ctx` (default: cfg.context()); returns its summary."""
     stage = STAGES[name]
     ctx = ctx or cfg.context()
+    section = cfg.stage_input(name)
+    output = getattr(getattr(section, name, section), "output", None)  # tune's job carries its section inside
+    if output is not None and is_uri(output):
+        # An unreachable store, a missing bucket or refused credentials: one line naming the URI, before Ray starts.
+        check_writable(output)
     if stage.uses_ray:
         connect(ctx)
-    return stage.function()(cfg.stage_input(name), ctx)
+    return stage.function()(section, ctx)

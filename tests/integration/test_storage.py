@@ -121,3 +121,37 @@ def test_unreachable_endpoint_and_missing_bucket_name_the_uri(s3_bucket, monkeyp
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(InputError, match=rf"s3://{bucket}/run: cannot reach"):
         storage.check_writable(f"s3://{bucket}/run")
+
+
+def test_refused_credentials_are_one_line_naming_the_uri_before_ray_starts(s3_server_at, free_port, tmp_path, repo_root):
+    """An S3 server that checks request signatures (moto with its authentication switched on) and a stage given a
+    wrong secret key: exit 1 with one line naming the output URI and the refusal, no Ray started, nothing written."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    import boto3
+
+    with s3_server_at("127.0.0.1", free_port()) as aws:
+        iam = boto3.client("iam")
+        iam.create_user(UserName="raylm")
+        key = iam.create_access_key(UserName="raylm")["AccessKey"]
+        iam.put_user_policy(UserName="raylm", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))  # fmt: skip
+        boto3.client("s3").create_bucket(Bucket="locked")
+        # From here on the server checks every request's signature (moto's switch for it)
+        urllib.request.urlopen(urllib.request.Request(f"{aws['AWS_ENDPOINT_URL']}/moto-api/reset-auth", data=b"0",
+                                                      headers={"Content-Type": "text/plain"}, method="POST")).read()  # fmt: skip
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": "not-the-secret",
+               "RAY_ADDRESS": "127.0.0.1:1"}  # a Ray it would fail to reach, were it to try  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "raylm.cli", "prepare", "--config", str(repo_root / "configs/smoke.yaml"),
+                            "--run.workdir=s3://locked/run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        owner = boto3.client("s3", aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+        listed = owner.list_objects_v2(Bucket="locked")
+    assert r.returncode == 1, r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("raylm prepare: error: s3://locked/run/prepared: access refused; check the credentials")
+    assert listed["KeyCount"] == 0 and list(tmp_path.iterdir()) == []
