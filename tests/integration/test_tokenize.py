@@ -232,3 +232,45 @@ def test_tokenize_from_and_to_s3_writes_the_same_bytes(ray_local, corpus, tokeni
     for split in SPLITS:
         assert np.array_equal(read_split_numpy(meta, split), read_split_numpy(read_token_meta(local), split))
     assert run_stage("tokenize", cfg)["reused"]
+
+
+@pytest.mark.parametrize("shard_rows, seq_len", [(1, 4), (3, 7), (50, 16)])
+def test_shard_tasks_write_what_one_sequential_packer_writes(ray_local, tmp_path, shard_rows, seq_len):
+    """Random encoded blocks (pieces of 1-30 ids, documents ending anywhere): the shards and document starts that
+    Ray tasks write from the driver's layout are the arrays the sequential packer cuts, shard for shard."""
+    import ray
+
+    from raylm.tokenize.encode import IDS_COLUMN, LAST_COLUMN, block_document_ends, block_stream
+    from raylm.tokenize.packing import RowBatcher, SequencePacker
+    from raylm.tokenize.shard_tasks import SplitShards, _block_layout
+
+    rng = np.random.default_rng(shard_rows)
+    blocks = []
+    for _ in range(40):
+        n = int(rng.integers(1, 6))
+        pieces = [rng.integers(0, 500, size=int(rng.integers(1, 31))).tolist() for _ in range(n)]
+        blocks.append(pa.table({IDS_COLUMN: pa.array(pieces, type=pa.list_(pa.uint16())), LAST_COLUMN: rng.random(n) < 0.6}))
+    blocks.append(pa.table({IDS_COLUMN: pa.array([[1, 2, 3]], type=pa.list_(pa.uint16())), LAST_COLUMN: [True]}))
+    num_docs = sum(int(np.count_nonzero(b.column(LAST_COLUMN))) for b in blocks)
+
+    packer, batcher = SequencePacker(seq_len, np.uint16), RowBatcher(shard_rows, seq_len + 1, np.uint16)
+    expected, starts, position = [], [0], 0
+    for b in blocks:
+        starts += [position + int(end) for end in block_document_ends(b)]
+        position += len(block_stream(b))
+        expected += list(batcher.add(packer.add(block_stream(b))))
+    expected += list(batcher.flush())
+
+    shards = SplitShards(str(tmp_path), "train", num_docs, seq_len, shard_rows, np.uint16)
+    for b in blocks:
+        lengths, last = _block_layout(b)
+        shards.add(ray.put(b), lengths, last, 0, b.num_rows)
+    counts = shards.close()
+    files = sorted((tmp_path / "train").glob("part-*.npy"))
+    assert counts["shards"] == len(files) == len(expected) > 1
+    for path, rows in zip(files, expected):
+        written = np.load(path)
+        assert written.dtype == np.uint16 and np.array_equal(written, rows), path.name
+    assert counts["sequences"] == packer.rows_out and counts["dropped_tokens"] == packer.dropped_tokens
+    assert counts["tokens"] == position and counts["documents"] == num_docs
+    assert np.array_equal(np.load(tmp_path / "doc_starts" / "train.npy"), starts[:num_docs])

@@ -3,17 +3,17 @@
     prepared/{train,validation}/*.parquet (id, text)
         ──Ray Data iter_batches──▶ BpeTrainer (driver), or tokenize.tokenizer   ──▶ tokens/tokenizer.json
         ──Ray Data: long documents cut into pieces, map_batches (actor pool, encode_batch)──▶ ids in input order
-        ──driver: SequencePacker + RowBatcher──▶ tokens/{train,validation}/part-NNNNN.npy
-                                                 tokens/doc_starts/{train,validation}.npy
+        ──tasks beside the blocks (shard_tasks): the driver lays each split's stream out, a task per shard
+          cuts and writes its rows──▶ tokens/{train,validation}/part-NNNNN.npy
+                                      tokens/doc_starts/{train,validation}.npy (driver)
 
-Encoding runs in parallel with the input order preserved, and one streaming packer on the
-driver cuts the ordered stream into rows, so the shards are the same bytes on every run,
-whatever the number of actors or the block sizes.
+Encoding runs in parallel with the input order preserved. The driver sees each encoded block's piece
+lengths and document ends, never its tokens; every shard covers fixed positions of its split's stream,
+so a task writes the same bytes one sequential packer would, whatever the number of actors, the block
+sizes or the order the tasks finish in.
 
-Input and output may be local paths or object-store URIs (raylm.storage). The read tasks open
-the prepared Parquet files where they are; the packer writes into a local directory, which is
-uploaded to an object-store output before its manifest is written (packing on the workers, so
-that shards go to storage without passing through the driver, is still to come).
+Input and output may be local paths or object-store URIs (raylm.storage): the read tasks open the
+prepared Parquet files where they are, and the shard tasks write to the output where it is.
 
 The format is shards.py's (version 2). Manifest stats: the TokenMeta fields, then per split
 `documents`, `tokens` (separators included), `dropped_tokens` (the tail shorter than a row),
@@ -45,10 +45,10 @@ from raylm.tokenize.bpe import (
     TOKENIZER_FILE, check_vocab_size, eos_token_id, load_existing_tokenizer, train_tokenizer, vocab_size_of,
 )
 from raylm.tokenize.config import TokenizeConfig
-from raylm.tokenize.encode import LAST_COLUMN, TEXT_COLUMN, EncodeDocuments, block_document_ends, block_stream, split_long_documents
-from raylm.tokenize.packing import RowBatcher, SequencePacker
+from raylm.tokenize.encode import TEXT_COLUMN, EncodeDocuments, split_long_documents
+from raylm.tokenize.shard_tasks import SplitShards, block_layouts
 from raylm.tokenize.sft import run_sft_tokenize
-from raylm.tokenize.shards import DOC_STARTS_DIR, SPLITS, TokenMeta, shard_name, token_dtype, vocab_hash
+from raylm.tokenize.shards import SPLITS, TokenMeta, token_dtype, vocab_hash
 
 log = logging.getLogger(__name__)
 TRAIN_BATCH_DOCS = 1024  # documents per batch streamed into the BPE trainer
@@ -77,8 +77,7 @@ def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
     with stage_output(tc.output, "tokenize", tc, inputs=[tc.input, *extra_inputs], overwrite=ctx.overwrite) as out:
         if out.done:
             return _summary(out.path, out.manifest.get("stats", {}), reused=True)
-        with storage.local_dir(out.tmp) as local:  # on an object store: packed locally, then uploaded
-            out.stats = _tokenize(tc, inputs, num_docs, local)
+        out.stats = _tokenize(tc, inputs, num_docs, out.tmp)  # the shards written by tasks, where the output is
     return _summary(out.path, out.stats, reused=False)
 
 
@@ -148,7 +147,7 @@ def _text_batches(tc: TokenizeConfig, files: list[str], counter: list[int]) -> I
         yield texts
 
 
-def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, eos_id: int, dtype: np.dtype):
+def _encoded_dataset(tc: TokenizeConfig, files: list[str], tokenizer_json: str, eos_id: int, dtype: np.dtype):
     """Blocks of encoded pieces (`ids` list and `last` columns), in the order of `files` and of rows within them."""
     pieces = _ordered_texts(files, tc.batch_size, tc.max_piece_chars)
     # One block per batch, so every actor gets work even when a file yields a few large blocks.
@@ -166,7 +165,7 @@ def _encoded_blocks(tc: TokenizeConfig, files: list[str], tokenizer_json: str, e
         compute=ray.data.ActorPoolStrategy(size=encode_pool_size(tc, ray.cluster_resources().get("CPU", 0))),
         num_cpus=tc.encode_cpus_per_actor,
     )
-    return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+    return ds
 
 
 def encode_pool_size(tc: TokenizeConfig, cluster_cpus: float) -> int:
@@ -179,65 +178,17 @@ def encode_pool_size(tc: TokenizeConfig, cluster_cpus: float) -> int:
     return max(1, min(tc.encode_actors, fits))
 
 
-class SplitWriter:
-    """Packs one split's token stream into part-00000.npy, part-00001.npy, ... and indexes its documents."""
-
-    def __init__(self, out: Path, split: str, num_docs: int, seq_len: int, shard_rows: int, dtype: np.dtype):
-        self.out_dir = out / split
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (out / DOC_STARTS_DIR).mkdir(exist_ok=True)
-        self.packer = SequencePacker(seq_len, dtype)
-        self.batcher = RowBatcher(shard_rows, seq_len + 1, dtype)
-        # Every document's start in the split's stream, filled as the documents arrive.
-        self.starts = np.lib.format.open_memmap(out / DOC_STARTS_DIR / f"{split}.npy", "w+", np.int64, (num_docs,))
-        self._next_start = 0  # where the next document starts in the stream
-        self.documents = 0
-        self.pieces = 0
-        self.shards = 0
-
-    def add(self, block: pa.Table) -> None:
-        """Pack a block of encoded pieces; write every shard it completes."""
-        stream_pos = self.packer.tokens_in
-        ends = block_document_ends(block)
-        if len(ends):  # a document starts at the split's start and after each document's end but the last
-            starts = np.concatenate([[self._next_start], stream_pos + ends[:-1]])
-            self.starts[self.documents : self.documents + len(ends)] = starts
-            self._next_start = stream_pos + ends[-1]
-        self.documents += len(ends)
-        self.pieces += block.num_rows
-        for rows in self.batcher.add(self.packer.add(block_stream(block))):
-            self._write(rows)
-
-    def close(self) -> dict:
-        """Write the last, short shard and the document index; return the split's counts."""
-        for rows in self.batcher.flush():
-            self._write(rows)
-        self.starts.flush()
-        del self.starts
-        return {
-            "documents": self.documents,
-            "pieces": self.pieces,
-            "tokens": self.packer.tokens_in,
-            "sequences": self.packer.rows_out,
-            "dropped_tokens": self.packer.dropped_tokens,
-            "shards": self.shards,
-        }
-
-    def _write(self, rows: np.ndarray) -> None:
-        np.save(self.out_dir / shard_name(self.shards), rows, allow_pickle=False)
-        self.shards += 1
-
-
 def _encode_and_pack(
     tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[str, int], tokenizer_json: str,
-    eos_id: int, dtype: np.dtype, out: Path,
+    eos_id: int, dtype: np.dtype, out: str,
 ) -> dict[str, dict]:
-    """Encode every split in one ordered Ray Data pass (one actor pool) and pack each into its shards.
+    """Encode every split in one ordered Ray Data pass (one actor pool) and pack each into its shards at `out`,
+    written by tasks (shard_tasks.SplitShards) while the driver lays the streams out.
 
     The splits' files are read one split after the other, so the first num_docs["train"] encoded
     documents are the train split and the rest validation: blocks are routed by document count.
     """
-    writers = {split: SplitWriter(out, split, num_docs[split], tc.seq_len, tc.shard_rows, dtype) for split in SPLITS}
+    writers = {split: SplitShards(out, split, num_docs[split], tc.seq_len, tc.shard_rows, dtype) for split in SPLITS}
     files = [f for split in SPLITS for f in inputs[split]]
     bounds = np.cumsum([0] + [num_docs[split] for split in SPLITS])
     ranges = {split: (bounds[i], bounds[i + 1]) for i, split in enumerate(SPLITS)}  # document indices of each split
@@ -247,17 +198,18 @@ def _encode_and_pack(
     tenths = {split: 0 for split in SPLITS}  # not in a terminal (a log): a line per tenth of a split, not a bar
     with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
         tasks = {split: progress.add_task(f"encode + pack {split}", total=num_docs[split]) for split in SPLITS}
-        for block in _encoded_blocks(tc, files, tokenizer_json, eos_id, dtype):
-            for piece_rows, split in _route(block, seen, ranges):
+        bundles = _encoded_dataset(tc, files, tokenizer_json, eos_id, dtype).iter_internal_ref_bundles()
+        for block, lengths, last in block_layouts(bundles):
+            for lo, hi, split in _route(last, seen, ranges):
                 before = writers[split].documents
-                writers[split].add(piece_rows)
+                writers[split].add(block, lengths, last, lo, hi)
                 progress.update(tasks[split], advance=writers[split].documents - before)
                 done = writers[split].documents * 10 // num_docs[split]
                 if not console.is_terminal and done > tenths[split]:
                     tenths[split] = done
                     log.info("[raylm] tokenize: encode + pack %s: %d/%d documents", split,
                              writers[split].documents, num_docs[split])  # fmt: skip
-            seen += int(np.count_nonzero(block.column(LAST_COLUMN)))
+            seen += int(np.count_nonzero(last))
     if seen != bounds[-1] or any(w.documents != num_docs[s] for s, w in writers.items()):
         raise InputError(f"{tc.input}: changed while being read ({bounds[-1]} documents expected, {seen} read)")
     counts = {split: writer.close() for split, writer in writers.items()}
@@ -270,21 +222,22 @@ def _encode_and_pack(
     return counts
 
 
-def _route(block: pa.Table, seen: int, ranges: dict[str, tuple[int, int]]):
-    """(rows, split) parts of a block of pieces whose first piece belongs to document number `seen`.
+def _route(last: np.ndarray, seen: int, ranges: dict[str, tuple[int, int]]):
+    """(first piece, end piece, split) parts of a block of pieces (`last`: which end a document) whose first piece
+    belongs to document number `seen`.
 
     A document's pieces all belong to its split; split boundaries fall after a document's last piece.
     """
-    last = block.column(LAST_COLUMN).to_numpy(zero_copy_only=False).astype(bool)
     doc_of_row = seen + np.concatenate([[0], np.cumsum(last)[:-1]])  # document number of every piece
     for split, (lo, hi) in ranges.items():
         rows = np.flatnonzero((doc_of_row >= lo) & (doc_of_row < hi))
         if len(rows):
-            yield block.slice(int(rows[0]), int(rows[-1]) - int(rows[0]) + 1), split
+            yield int(rows[0]), int(rows[-1]) + 1, split
 
 
-def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[str, int], out: Path) -> dict:
-    """The stage's work, writing into the temporary output directory `out`; returns the manifest stats."""
+def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[str, int], out: str) -> dict:
+    """The stage's work, writing into the stage's output location `out` (its temporary directory on a disk, the
+    output prefix on an object store); returns the manifest stats."""
     t0 = time.perf_counter()
     trained_on = [0]
     if tc.tokenizer is not None:
@@ -298,12 +251,12 @@ def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[s
             special_tokens=tc.special_tokens,
             num_documents=sample,
         )
-    tokenizer.save(str(out / TOKENIZER_FILE))
+    tokenizer_json = tokenizer.to_str(pretty=True)  # what Tokenizer.save writes
+    storage.write_text(storage.join(out, TOKENIZER_FILE), tokenizer_json)
     tokenizer_s = time.perf_counter() - t0
     vocab_size = vocab_size_of(tokenizer)
     eos_id = eos_token_id(tokenizer, tc.special_tokens)
     dtype = token_dtype(vocab_size)
-    tokenizer_json = (out / TOKENIZER_FILE).read_text()
 
     t1 = time.perf_counter()
     counts = _encode_and_pack(tc, inputs, num_docs, tokenizer_json, eos_id, dtype, out)
@@ -311,7 +264,7 @@ def _tokenize(tc: TokenizeConfig, inputs: dict[str, list[str]], num_docs: dict[s
     total_tokens = sum(c["tokens"] for c in counts.values())
 
     meta = TokenMeta(
-        path=out, vocab_size=vocab_size, seq_len=tc.seq_len, eos_token_id=eos_id, dtype=dtype.name,
+        path=Path(out), vocab_size=vocab_size, seq_len=tc.seq_len, eos_token_id=eos_id, dtype=dtype.name,
         num_sequences={s: counts[s]["sequences"] for s in SPLITS}, vocab_hash=vocab_hash(tokenizer_json),
     )
     per_split = lambda key: {s: counts[s][key] for s in SPLITS}  # noqa: E731
