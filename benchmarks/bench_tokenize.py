@@ -9,7 +9,7 @@
    - baseline: one process calling `tokenizers`' batch encoder (`encode_batch_fast`, batches of
      1,024 documents) on the same texts, already in memory, with RAYON_NUM_THREADS = the cores;
    - raylm: the tokenize stage on a running local Ray: Ray Data reads the Parquet files, an actor pool
-     (one single-threaded tokenizer per core) encodes, the driver packs and writes the shards.
+     (one single-threaded tokenizer per core) encodes, tasks beside the blocks cut and write the shards.
      Timed: the encode pass (reading, encoding, packing, writing; actor start-up included).
 2. Correctness. raylm's token stream (read back from the shards) against the baseline's ids,
    token for token, and the count check: rows x seq_len + 1 + dropped tail = every document's
