@@ -166,7 +166,8 @@ def build_trainer(
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.checkpoints_to_keep),
             callbacks=list(callbacks),
-            worker_runtime_env=worker_runtime_env(train_cfg, reads),
+            # the workers also write to the run's storage themselves (rank 0's TensorBoard events)
+            worker_runtime_env=worker_runtime_env(train_cfg, [*reads, storage_path]),
         ),
     )
 

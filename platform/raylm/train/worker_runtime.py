@@ -42,9 +42,10 @@ memory 620 -> 910-950 MiB. raylm's worker: 5,000-5,500 -> 5,600-5,900 (without t
 
 def worker_runtime_env(train_cfg: TrainConfig, reads: Sequence[str] = ()) -> dict:
     """The Ray runtime_env of the training workers: on CPU, DeepSpeed's CPU accelerator and the malloc settings
-    above (a value the driver's environment already sets wins); when the token data or another location the
-    workers read (`reads`: a teacher model) is on an object store, the driver's storage settings (credentials,
-    endpoint, the node cache's directory); so too for a base model (train.init_from) there."""
+    above (a value the driver's environment already sets wins); when the token data, the base model
+    (train.init_from) or another location the workers read or write (`reads`: a teacher model, the run's
+    storage) is on an object store, the driver's storage settings (credentials, endpoint, the node cache's
+    directory)."""
     env = settings_for(train_cfg.data, train_cfg.init_from or "", *reads)
     if not train_cfg.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
