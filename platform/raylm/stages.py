@@ -96,8 +96,9 @@ def run_stage(name: str, cfg: RaylmConfig, ctx: RunContext | None = None) -> dic
     ctx = ctx or cfg.context()
     section = cfg.stage_input(name)
     output = getattr(getattr(section, name, section), "output", None)  # tune's job carries its section inside
-    if output is not None and is_uri(output):
-        # An unreachable store, a missing bucket or refused credentials: one line naming the URI, before Ray starts.
+    if output is not None:
+        # Every stage's one check of its output (a no-op on a disk): an unreachable store, a missing bucket or
+        # refused credentials is one line naming the URI, before Ray starts.
         check_writable(output)
     if stage.uses_ray:
         connect(ctx)

@@ -309,8 +309,8 @@ def check_writable(location: str | os.PathLike) -> None:
     """Raise one InputError naming `location` and the cause when a stage could not write there.
 
     For an object store: the endpoint answers, the bucket exists, and a probe object can be written
-    and deleted with the credentials at hand; checked before any worker starts. Local paths: nothing
-    to check here (the directory is made when the stage writes).
+    and deleted with the credentials at hand. raylm.stages.run_stage checks each stage's output so, before
+    Ray starts. Local paths: nothing to check here (the directory is made when the stage writes).
     """
     location = str(location)
     if not is_uri(location):

@@ -3,10 +3,10 @@
 A head and worker hosts, each worker host in its own network namespace with its own IP address.
 Every node is a separate `ray start` with its own raylet, object store and temp dir, and all traffic
 between them (GCS, object transfers, gloo collectives) goes over TCP between distinct addresses, as
-between machines. Nor do they share a disk: each worker host also has a mount namespace of its own, with
-a private /tmp, /dev/shm and copy-on-write view of the checkout (`private_disks=False` shares this
-machine's disk instead, like NFS would). The cluster uses Ray's token authentication with a fresh token of its own (`.env`
-carries it); ~/.ray/auth_token is neither read nor written.
+between machines. Nor do they share a disk: each worker host also has a mount namespace of its own,
+with a private /tmp, /dev/shm and copy-on-write view of the checkout (`private_disks=False` shares
+this machine's disk instead, as NFS would). The cluster uses Ray's token authentication with a fresh
+token of its own (`.env` carries it); ~/.ray/auth_token is neither read nor written.
 
     with MultiHostCluster(num_workers=2, cpus_per_node=2) as cluster:
         subprocess.run([sys.executable, "client.py"], env={**os.environ, **cluster.env})
@@ -59,11 +59,10 @@ class MultiHostCluster:
 
     Attributes once started: `name`, `address` (GCS, for `ray.init`), `jobs_address` (Jobs API and
     dashboard, for `raylm submit`), `head_ip`, `worker_ips`, `env` (RAY_ADDRESS and the auth token a
-    client needs). Nodes carry the label `raylm-role=head|worker`. With `private_disks` (the default) each
-    worker host has its own /tmp, /dev/shm and copy of the checkout and working directory, as separate
-    machines have; the head is this machine. Leaving the `with` block (or
-    `stop()`) kills every process of this cluster and deletes its namespaces, links and temp dir,
-    also after errors.
+    client needs). Nodes carry the label `raylm-role=head|worker`. With `private_disks` (the default)
+    each worker host has its own /tmp, /dev/shm and copy of the checkout and working directory, as
+    separate machines have; the head is this machine. Leaving the `with` block (or `stop()`) kills every
+    process of this cluster and deletes its namespaces, links and temp dir, also after errors.
     """
 
     def __init__(

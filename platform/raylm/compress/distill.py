@@ -27,7 +27,7 @@ from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.artifact import TOKENIZER, load_model, read_model_meta
 from raylm.model.config import GPTConfig
-from raylm.storage import check_writable, join
+from raylm.storage import join
 from raylm.tokenize.shards import check_same_tokenizer, read_token_meta
 from raylm.train.config import TrainConfig
 from raylm.train.trainer import build_trainer, fit_to_output, ray_storage, stage_config
@@ -126,7 +126,6 @@ def _check_teacher(dc: DistillConfig, teacher: GPTConfig) -> None:
 
 def run_distill(dc: DistillConfig, ctx: RunContext) -> dict:
     """The distill stage: train `dc.student` against `dc.teacher`; export `<distill.output>/model`."""
-    check_writable(dc.output)
     teacher_meta = read_model_meta(dc.teacher)
     if teacher_meta.get("quantization"):
         raise InputError(f"{dc.teacher}: a quantized model cannot teach; point distill.teacher at a float model")

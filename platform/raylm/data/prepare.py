@@ -78,7 +78,6 @@ def run_prepare(pcfg: PrepareConfig, ctx: RunContext) -> dict:
     A finished output with the same config and input is reused. Returns {"output", "reused", "stats"};
     raises InputError (one line: file, line) on bad input.
     """
-    storage.check_writable(pcfg.output)
     files = list_input_files(pcfg.input, on_error=pcfg.on_error)
     prints = input_fingerprints(pcfg.input, files)
     with stage_output(pcfg.output, "prepare", pcfg, overwrite=ctx.overwrite, input_prints=prints) as out:

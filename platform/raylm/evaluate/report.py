@@ -167,7 +167,6 @@ def _caption(ecfg: EvaluateConfig, rows: list[dict]) -> str:
 
 def run_evaluate(ecfg: EvaluateConfig, ctx: RunContext) -> dict:
     """The evaluate stage: score every model of `ecfg.models`; write results.json and table.txt; return a summary."""
-    storage.check_writable(ecfg.output)
     if not ecfg.models:
         raise ConfigError("evaluate.models: no models to evaluate")
     check_inputs(ecfg)

@@ -59,7 +59,6 @@ def run_tokenize(tc: TokenizeConfig, ctx: RunContext) -> dict:
 
     With tokenize.format sft, encodes prompt/completion JSONL instead (raylm.tokenize.sft).
     """
-    storage.check_writable(tc.output)
     if tc.format == "sft":
         return run_sft_tokenize(tc, ctx)
     if tc.tokenizer is None:

@@ -34,7 +34,7 @@ from raylm.context import RunContext
 from raylm.errors import ConfigError, InputError
 from raylm.model.config import GPTConfig
 from raylm.storage import (
-    absolute, check_writable, copy_tree, filesystem, is_uri, join, local_file, remove,
+    absolute, copy_tree, filesystem, is_uri, join, local_file, remove,
     run_config_storage,
 )
 from raylm.tokenize.shards import TokenMeta, read_token_meta
@@ -246,7 +246,6 @@ def stage_config(section_cfg, seed: int) -> dict:
 
 def run_train(tc: TrainConfig, ctx: RunContext) -> dict:
     """The train stage: fit `tc` on its token data, export `<train.output>/model`, return a summary."""
-    check_writable(tc.output)
     inputs = [tc.data, *([tc.init_from] if tc.init_from else [])]  # a retrained base is a new run
     with stage_output(tc.output, "train", stage_config(tc, ctx.seed), inputs, ctx.overwrite) as out:
         if out.done:

@@ -330,7 +330,6 @@ def run_tune(job: TuneJob, ctx: RunContext) -> dict:
     Returns a summary: output, best trial, its params and val_loss, trial counts, paths of the files.
     """
     tune_cfg, train = job.tune, job.train
-    storage.check_writable(tune_cfg.output)
     check_search_space(tune_cfg, train)
     if tune_cfg.grace_period >= max_reports_per_trial(tune_cfg):
         raise ConfigError(
